@@ -1,0 +1,289 @@
+"""Kedro datasets for raw inputs that must be read defensively and outputs that must not clobber data.
+
+- ``FileListingDataset``: lists the files of a raw folder (never outside it) instead of loading them,
+  so that the ingestion nodes decide how to open each one and can report a corrupt file without
+  losing the others.
+- ``LabelTableDataset``: an optional CSV label table read as text; a missing or unreadable table
+  becomes a value the QC report can describe rather than a crash.
+- ``BytesDataset``: raw bytes in and out, the inner dataset of the accepted-cores folder.
+- ``SyntheticCohortDataset``: writes the synthetic cohort into the raw layer only where that layer
+  holds no user data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kedro.io.core import AbstractDataset, DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    """True when ``path`` resolves to a location inside ``root`` (symlinks included)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+class FileListingDataset(AbstractDataset[dict[str, Path], None]):
+    """Read-only listing ``{relative POSIX path: absolute path}`` of the files under a folder.
+
+    A missing folder is an empty listing (every raw source is optional). Hidden files and files whose
+    real location lies outside the folder (symlinks pointing elsewhere) are left out, the latter with a
+    warning, so that nothing outside the data folder is ever opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        suffixes: Iterable[str] | None = None,
+        recursive: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._path = Path(path)
+        self._suffixes = tuple(s.lower() for s in suffixes) if suffixes else None
+        self._recursive = recursive
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Path]:
+        root = self._path
+        if not root.is_dir():
+            logger.info("No folder at %s: that source is skipped.", root)
+            return {}
+        pattern = "**/*" if self._recursive else "*"
+        listing: dict[str, Path] = {}
+        for path in sorted(root.glob(pattern)):
+            rel = path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in Path(rel).parts) or not path.is_file():
+                continue
+            if self._suffixes and not rel.lower().endswith(self._suffixes):
+                continue
+            if not _is_inside(path, root):
+                logger.warning("Skipping %s: it links outside %s.", path, root)
+                continue
+            listing[rel] = path.resolve()
+        return listing
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._path} is a raw input folder: the pipeline never writes to it.")
+
+    def _exists(self) -> bool:
+        return self._path.is_dir()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "suffixes": self._suffixes}
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """A label CSV as read from disk: its rows as text, or why it could not be read."""
+
+    source: str
+    frame: pd.DataFrame | None
+    error: str | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.frame is not None
+
+
+class LabelTableDataset(AbstractDataset[LabelTable, None]):
+    """Optional label table (``labels.csv``, ``slide_map.csv``), every cell read as text.
+
+    Missing → ``LabelTable(frame=None)``; unparseable → ``LabelTable(frame=None, error=...)`` naming the
+    file and the parser's complaint. Validation of the values happens in ``her2_kedro.qc.labels``.
+    """
+
+    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> LabelTable:
+        source = self._filepath.name
+        if not self._filepath.is_file():
+            return LabelTable(source=source, frame=None)
+        try:
+            frame = pd.read_csv(
+                self._filepath, dtype=str, keep_default_na=False, skipinitialspace=True
+            )
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+            message = f"{self._filepath}: unreadable label table ({type(err).__name__}: {err})"
+            logger.error(message)
+            return LabelTable(source=source, frame=None, error=message)
+        frame = frame.replace({"": pd.NA})
+        return LabelTable(source=source, frame=frame)
+
+    def save(self, data: LabelTable) -> None:
+        raise DatasetError(f"{self._filepath} is a raw input: the pipeline never writes to it.")
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class BytesDataset(AbstractDataset[bytes, bytes]):
+    """A file's bytes, unchanged: accepted cores keep their original encoding where possible."""
+
+    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> bytes:
+        return self._filepath.read_bytes()
+
+    def save(self, data: bytes) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        self._filepath.write_bytes(data)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+@dataclass
+class SyntheticCohort:
+    """Everything the synthetic pipeline writes into the raw layer, produced lazily.
+
+    ``cores`` yields ``(filename, encoded bytes)``; ``slides`` maps a slide file name to a function
+    that streams the slide to a given path; ``fingerprint`` identifies the parameters that made it.
+    """
+
+    labels: pd.DataFrame
+    cores: Callable[[], Iterable[tuple[str, bytes]]]
+    slide_map: pd.DataFrame
+    slides: Mapping[str, Callable[[Path], None]]
+    fingerprint: str
+    extra_files: Mapping[str, bytes] = field(default_factory=dict)
+
+
+MARKER = ".her2_kedro_synthetic.json"
+
+
+class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
+    """Writes a ``SyntheticCohort`` under ``root`` (the raw layer) without ever touching user data.
+
+    The raw targets (``cores/``, ``labels.csv``, ``slides/``, ``slide_map.csv``) are written only when
+    every file in them is one that a marker file says this dataset wrote (so empty or absent targets
+    qualify, and a user's file anywhere there blocks the write). With the same fingerprint in the
+    marker the cohort is already there and nothing is rewritten. Loading returns the marker.
+    """
+
+    TARGETS = ("cores", "labels.csv", "slides", "slide_map.csv")
+
+    def __init__(self, *, root: str, metadata: dict[str, Any] | None = None) -> None:
+        self._root = Path(root)
+        self.metadata = metadata
+
+    @property
+    def _marker(self) -> Path:
+        return self._root / MARKER
+
+    def _written_before(self) -> set[str]:
+        """Files (relative to the root) that an earlier synthetic run recorded in its marker."""
+        if not self._marker.is_file():
+            return set()
+        try:
+            return set(json.loads(self._marker.read_text()).get("files", []))
+        except (json.JSONDecodeError, AttributeError):
+            return set()
+
+    def _user_data(self) -> list[str]:
+        """Files under the targets that this dataset did not write (so must never be touched)."""
+        ours = self._written_before()
+        foreign = []
+        for name in self.TARGETS:
+            target = self._root / name
+            files = [target] if target.is_file() else sorted(target.rglob("*")) if target.is_dir() else []
+            for path in files:
+                if path.is_file() and path.relative_to(self._root).as_posix() not in ours:
+                    foreign.append(str(path))
+        return foreign
+
+    def load(self) -> dict[str, Any]:
+        if not self._marker.is_file():
+            raise DatasetError(f"No synthetic cohort under {self._root} (no {MARKER}).")
+        return json.loads(self._marker.read_text())
+
+    def save(self, data: SyntheticCohort) -> None:
+        occupied = self._user_data()
+        if occupied:
+            logger.warning(
+                "Synthetic cohort NOT written: %s holds %d file(s) that the synthetic pipeline did "
+                "not write (first: %s). Your data is left untouched; use an empty raw folder to "
+                "generate the demo cohort.",
+                self._root,
+                len(occupied),
+                occupied[0],
+            )
+            return
+        if self._marker.is_file():
+            previous = json.loads(self._marker.read_text())
+            if previous.get("fingerprint") == data.fingerprint:
+                logger.info("Synthetic cohort with these parameters already in %s.", self._root)
+                return
+            logger.info("Replacing the synthetic cohort in %s (parameters changed).", self._root)
+        self._clear_own_outputs()
+        self._write(data)
+
+    def _clear_own_outputs(self) -> None:
+        for rel in self._written_before():
+            (self._root / rel).unlink(missing_ok=True)
+        self._marker.unlink(missing_ok=True)
+
+    def _write(self, data: SyntheticCohort) -> None:
+        from tqdm.auto import tqdm
+
+        written: list[str] = []
+        cores_dir = self._root / "cores"
+        cores_dir.mkdir(parents=True, exist_ok=True)
+        n_cores = 0
+        for filename, payload in tqdm(
+            data.cores(), total=len(data.labels), desc="synthetic cores", unit="core"
+        ):
+            (cores_dir / filename).write_bytes(payload)
+            written.append(f"cores/{filename}")
+            n_cores += 1
+        for filename, payload in data.extra_files.items():
+            (cores_dir / filename).write_bytes(payload)
+            written.append(f"cores/{filename}")
+        data.labels.to_csv(self._root / "labels.csv", index=False)
+        written.append("labels.csv")
+        if data.slides:
+            slides_dir = self._root / "slides"
+            slides_dir.mkdir(parents=True, exist_ok=True)
+            for name, write in tqdm(data.slides.items(), desc="synthetic slides", unit="slide"):
+                write(slides_dir / name)
+                written.append(f"slides/{name}")
+            data.slide_map.to_csv(self._root / "slide_map.csv", index=False)
+            written.append("slide_map.csv")
+        marker = {
+            "fingerprint": data.fingerprint,
+            "cores": n_cores,
+            "slides": sorted(data.slides),
+            "slide_cores": len(data.slide_map),
+            "files": written,
+        }
+        self._marker.write_text(json.dumps(marker, indent=2))
+        logger.info(
+            "Synthetic cohort written to %s: %d cores, %d slides.", self._root, n_cores, len(data.slides)
+        )
+
+    def _exists(self) -> bool:
+        return self._marker.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"root": str(self._root)}

@@ -1,0 +1,60 @@
+"""Shared fixtures: the project's own catalog and parameters, pointed at a temporary data folder."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+PROJECT = Path(__file__).resolve().parents[1]
+REAL_CORES = PROJECT.parent / "shared" / "data" / "real_cores"
+
+
+def _rebase(config: Any, data_root: Path) -> Any:
+    """Replace every 'data/...' path in a catalog entry with the same path under ``data_root``."""
+    if isinstance(config, dict):
+        return {k: _rebase(v, data_root) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_rebase(v, data_root) for v in config]
+    if isinstance(config, str) and config.startswith("data/"):
+        return str(data_root / config.removeprefix("data/"))
+    return config
+
+
+def load_yaml(relative: str) -> dict[str, Any]:
+    return yaml.safe_load((PROJECT / relative).read_text())
+
+
+@pytest.fixture
+def catalog_config(tmp_path: Path) -> dict[str, Any]:
+    """conf/base/catalog.yml with every data path under ``tmp_path/data``."""
+    return _rebase(load_yaml("conf/base/catalog.yml"), tmp_path / "data")
+
+
+@pytest.fixture
+def base_params() -> dict[str, Any]:
+    """All sections of conf/base/parameters_*.yml, merged."""
+    params: dict[str, Any] = {}
+    for path in sorted((PROJECT / "conf" / "base").glob("parameters*.yml")):
+        params.update(yaml.safe_load(path.read_text()) or {})
+    return copy.deepcopy(params)
+
+
+@pytest.fixture
+def tiny_synthetic_params(base_params: dict[str, Any]) -> dict[str, Any]:
+    """A synthetic cohort small enough for a CPU test run (a dozen small cores, one small slide)."""
+    p = base_params["synthetic"]
+    p.update(n_patients=8, cores_per_patient=[1, 2], core_size=448, cell_diameter_px=20)
+    p["artefact_rates"] = {"tear": 0.0, "fold": 0.0, "partial": 0.0, "blur": 0.0}
+    p["slides"].update(
+        n_slides=1, n_rows=3, n_cols=4, core_diameter_px=400, pitch_px=480, n_missing=1, n_debris=3
+    )
+    return base_params

@@ -1,0 +1,108 @@
+"""The defensive raw-input datasets and the guarded synthetic writer."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from kedro.io.core import DatasetError
+
+from her2_kedro.datasets import (
+    MARKER,
+    FileListingDataset,
+    LabelTableDataset,
+    SyntheticCohort,
+    SyntheticCohortDataset,
+)
+
+
+def test_listing_is_relative_and_skips_hidden_and_missing(tmp_path):
+    root = tmp_path / "cores"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"x")
+    (root / "sub" / "b.png").write_bytes(b"y")
+    (root / ".DS_Store").write_bytes(b"z")
+    listing = FileListingDataset(path=str(root)).load()
+    assert sorted(listing) == ["a.jpg", "sub/b.png"]
+    assert listing["sub/b.png"] == (root / "sub" / "b.png").resolve()
+    assert FileListingDataset(path=str(tmp_path / "absent")).load() == {}
+
+
+def test_listing_never_follows_links_out_of_the_folder(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"secret")
+    root = tmp_path / "cores"
+    root.mkdir()
+    (root / "link.jpg").symlink_to(outside)
+    (root / "ok.jpg").write_bytes(b"fine")
+    assert list(FileListingDataset(path=str(root)).load()) == ["ok.jpg"]
+
+
+def test_listing_is_read_only(tmp_path):
+    with pytest.raises(DatasetError, match="never writes"):
+        FileListingDataset(path=str(tmp_path)).save(None)
+
+
+def test_label_table_missing_and_unreadable(tmp_path):
+    missing = LabelTableDataset(filepath=str(tmp_path / "labels.csv")).load()
+    assert missing.frame is None and missing.error is None and not missing.present
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\x00\n\xff")
+    table = LabelTableDataset(filepath=str(bad)).load()
+    assert table.frame is None
+    assert "bad.csv" in table.error and "unreadable" in table.error
+
+
+def test_label_table_reads_text_and_blank_cells_as_missing(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("filename,ihc-score,her2-status\n a.jpg,02,\n")
+    frame = LabelTableDataset(filepath=str(path)).load().frame
+    assert frame.loc[0, "ihc-score"] == "02"  # text, not parsed to 2 here
+    assert pd.isna(frame.loc[0, "her2-status"])
+
+
+def _cohort(fingerprint="f1", names=("core_1.jpg",)):
+    labels = pd.DataFrame({"filename": list(names), "ihc-score": [0] * len(names)})
+    return SyntheticCohort(
+        labels=labels,
+        cores=lambda: ((n, b"jpeg-bytes") for n in names),
+        slide_map=pd.DataFrame(),
+        slides={},
+        fingerprint=fingerprint,
+    )
+
+
+def test_synthetic_writer_writes_into_empty_raw_folder(tmp_path):
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort())
+    assert (tmp_path / "cores" / "core_1.jpg").read_bytes() == b"jpeg-bytes"
+    assert (tmp_path / "labels.csv").is_file()
+    marker = dataset.load()
+    assert marker["fingerprint"] == "f1" and "cores/core_1.jpg" in marker["files"]
+
+
+def test_synthetic_writer_never_touches_user_data(tmp_path, caplog):
+    (tmp_path / "cores").mkdir()
+    (tmp_path / "cores" / "patient_slide.jpg").write_bytes(b"precious")
+    (tmp_path / "labels.csv").write_text("filename,ihc-score\npatient_slide.jpg,3\n")
+    SyntheticCohortDataset(root=str(tmp_path)).save(_cohort())
+    assert (tmp_path / "cores" / "patient_slide.jpg").read_bytes() == b"precious"
+    assert (tmp_path / "labels.csv").read_text().endswith("patient_slide.jpg,3\n")
+    assert not (tmp_path / "cores" / "core_1.jpg").exists()
+    assert not (tmp_path / MARKER).exists()
+    assert "NOT written" in caplog.text
+
+
+def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort("f1", names=("core_1.jpg", "core_2.jpg")))
+    dataset.save(_cohort("f1", names=("other.jpg",)))  # same fingerprint: nothing rewritten
+    assert not (tmp_path / "cores" / "other.jpg").exists()
+    dataset.save(_cohort("f2", names=("core_3.jpg",)))  # new parameters: replaced
+    assert sorted(p.name for p in (tmp_path / "cores").iterdir()) == ["core_3.jpg"]
+    # a user's file dropped next to the demo cohort blocks any further rewrite
+    (tmp_path / "cores" / "mine.jpg").write_bytes(b"mine")
+    dataset.save(_cohort("f3", names=("core_4.jpg",)))
+    assert (tmp_path / "cores" / "mine.jpg").exists() and (tmp_path / "cores" / "core_3.jpg").exists()
+    assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f2"
