@@ -41,7 +41,7 @@ def test_listing_never_follows_links_out_of_the_folder(tmp_path):
 
 def test_listing_is_read_only(tmp_path):
     with pytest.raises(DatasetError, match="never writes"):
-        FileListingDataset(path=str(tmp_path)).save(None)
+        FileListingDataset(path=str(tmp_path)).save({})
 
 
 def test_label_table_missing_and_unreadable(tmp_path):

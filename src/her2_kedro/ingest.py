@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from her2_kedro.dearray import DearrayParams, dearray_slide, extract_core
 from her2_kedro.qc.images import CheckedImage, ImageCheckParams, check_image
-from her2_kedro.qc.labels import validate_labels, validate_slide_map
+from her2_kedro.qc.labels import slide_stem, validate_labels, validate_slide_map
 from her2_kedro.qc.report import QCProblem
 from her2_kedro.wsi import SlideReadError, open_slide
 
@@ -164,11 +164,10 @@ def ingest_slides(
 ) -> SourceResult:
     """Dearray every slide, label the cores from ``slide_map.csv``, extract and QC each labelled core."""
     problems: list[QCProblem] = []
-    found: dict[str, dict[str, object]] = {}
-    readers: dict[str, Path] = {}
+    found: dict[str, dict[str, object]] = {}  # slide file name → {grid label: GridCore}
     for name, path in tqdm(files.items(), desc="dearraying slides", unit="slide"):
         source = f"slides/{name}"
-        stem = PurePosixPath(name).stem
+        stem = slide_stem(name)
         try:
             with open_slide(path, max_pixels=max_slide_pixels) as reader:
                 result = dearray_slide(reader, dearray)
@@ -190,8 +189,7 @@ def ingest_slides(
             )
         for reason, x, y in result.rejected:
             problems.append(QCProblem(source, "", f"{reason} at level-0 (x={x:.0f}, y={y:.0f})"))
-        found[stem] = {core.label: core for core in result.cores}
-        readers[stem] = path
+        found[name] = {core.label: core for core in result.cores}
 
     if slide_map is None:
         if slide_map_error:
@@ -199,21 +197,22 @@ def ingest_slides(
         reason = "core without label: slide_map.csv is " + (
             "unreadable" if slide_map_error else "missing"
         )
-        for stem, cores in found.items():
-            problems.extend(QCProblem(f"slides/{stem}", f"{stem}_{lab}", reason) for lab in cores)
+        for name, cores in found.items():
+            stem = slide_stem(name)
+            problems.extend(QCProblem(f"slides/{name}", f"{stem}_{lab}", reason) for lab in cores)
         return SourceResult(_frame([]), problems)
 
     clean, map_problems = validate_slide_map(
-        slide_map, "slide_map.csv", {stem: list(cores) for stem, cores in found.items()}
+        slide_map, "slide_map.csv", {name: list(cores) for name, cores in found.items()}
     )
     problems.extend(map_problems)
     records: list[dict] = []
     payloads: Payloads = {}
-    for stem, rows in clean.groupby("slide_stem", sort=True):
-        source = f"slides/{readers[stem].name}"
-        with open_slide(readers[stem], max_pixels=max_slide_pixels) as reader:
-            for row in tqdm(rows.to_dict("records"), desc=f"extracting {stem}", unit="core"):
-                core = found[stem][row["core"]]
+    for name, rows in clean.groupby("slide", sort=True):
+        source = f"slides/{name}"
+        with open_slide(files[name], max_pixels=max_slide_pixels) as reader:
+            for row in tqdm(rows.to_dict("records"), desc=f"extracting {name}", unit="core"):
+                core = found[name][row["core"]]
                 core_id = row["core_id"]
                 rgb = extract_core(reader, core, dearray)
                 encoded = encode_jpeg(rgb, jpeg_quality)

@@ -1,0 +1,453 @@
+"""Validate the paper's label table (labels.csv) and the slide map (slide_map.csv).
+
+Every bad row becomes one `QCProblem` naming the file/core and the problem; every other row goes
+on. File names are checked purely lexically: a name that could resolve outside the cores folder is
+rejected without ever being opened or stat-ed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import astuple, dataclass
+
+import pandas as pd
+
+from her2_kedro.qc.report import QCProblem
+
+FIVE_CLASSES = ("0", "1", "2-", "2+", "3")
+SPLITS = ("train", "val", "test")
+DEFAULT_COHORT = "internal"
+LABEL_COLUMNS = ["ihc_score", "her2_status", "five_class", "patient_id", "split", "cohort"]
+LABELS_OUTPUT_COLUMNS = ["filename", *LABEL_COLUMNS]
+SLIDE_MAP_OUTPUT_COLUMNS = ["core_id", "slide", "core", *LABEL_COLUMNS]
+
+# Header spellings accepted (after strip + lower) for the paper's column names.
+_HEADER_ALIASES = {
+    "ihc_score": "ihc-score",
+    "ihc score": "ihc-score",
+    "her2_status": "her2-status",
+    "her2 status": "her2-status",
+    "patient-id": "patient_id",
+    "patient id": "patient_id",
+    "patient": "patient_id",
+}
+_SCORE_RE = re.compile(r"^\+?(\d+)(\.0*)?$")
+_STATUS_WORDS = {
+    "0": 0,
+    "0.0": 0,
+    "neg": 0,
+    "negative": 0,
+    "1": 1,
+    "1.0": 1,
+    "pos": 1,
+    "positive": 1,
+}
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_CORE_RE = re.compile(r"^([A-Z]+)-(\d+)$")
+_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif")
+
+
+def five_class(score: int, status: int) -> str:
+    """The paper's five training classes 0, 1, 2-, 2+, 3 from IHC score and HER2 status."""
+    if score in (0, 1) and status == 0:
+        return str(score)
+    if score == 2 and status in (0, 1):
+        return "2+" if status == 1 else "2-"
+    if score == 3 and status == 1:
+        return "3"
+    raise ValueError(
+        f"invalid or inconsistent label: ihc-score {score!r} with her2-status {status!r}"
+    )
+
+
+@dataclass(frozen=True)
+class _Label:
+    ihc_score: int
+    her2_status: int
+    five_class: str
+    patient_id: str
+    split: str | None
+    cohort: str
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str  # normalised file name or core id: identifies the core and groups duplicates
+    position: int  # 1-based data row number in the table
+    parsed: _Label | str  # the label, or why it is invalid
+    signature: tuple[object, ...]
+    extra: tuple[str, ...] = ()  # slide map: (slide key, core label)
+
+
+def _cell(value: object) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):  # type: ignore[arg-type]
+        return ""
+    return str(value).strip()
+
+
+def _normalise_headers(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Strip/lower the headers and map known aliases; returns the table and duplicate headers."""
+    names = []
+    for col in table.columns:
+        name = str(col).strip().lower()
+        names.append(_HEADER_ALIASES.get(name, name))
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    out = table.copy()
+    out.columns = names
+    return out, dupes
+
+
+def _missing_columns(
+    table: pd.DataFrame, required: tuple[str, ...], source: str
+) -> list[QCProblem]:
+    found = ", ".join(map(str, table.columns)) or "none"
+    return [
+        QCProblem(
+            source,
+            "",
+            f"missing required column {col!r} (columns found: {found}); no rows accepted",
+        )
+        for col in required
+        if col not in table.columns
+    ]
+
+
+def safe_relative_path(name: str, folder: str = "cores") -> tuple[str | None, str | None]:
+    """Lexically normalise a path relative to `folder`; returns (path, None) or (None, reason).
+
+    Rejects empty names, absolute paths, drive letters, backslashes, `~` and any `..` component
+    without touching the file system, so nothing outside the folder is ever opened.
+    """
+    if name == "":
+        return None, "filename is empty"
+
+    def escape(why: str) -> tuple[None, str]:
+        return None, f"filename escapes the {folder} folder: {name!r} ({why}; never opened)"
+
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return escape("control character in name")
+    if "\\" in name:
+        return escape("backslash in path")
+    if name.startswith("/") or _DRIVE_RE.match(name):
+        return escape("absolute path")
+    if name.startswith("~"):
+        return escape("home-directory path")
+    if ".." in name.split("/"):
+        return escape("parent-directory component '..'")
+    norm = posixpath.normpath(name)
+    if norm in (".", "") or name.endswith("/"):
+        return None, f"filename does not name a file: {name!r}"
+    return norm, None
+
+
+def _parse_label(
+    score_raw: str,
+    status_raw: str,
+    patient_raw: str,
+    split_raw: str,
+    cohort_raw: str,
+    default_patient: str,
+) -> _Label | str:
+    """The shared label checks for labels.csv and slide_map.csv: a `_Label` or the reason it is invalid."""
+    if score_raw == "":
+        return "ihc-score is missing"
+    match = _SCORE_RE.match(score_raw)
+    score = int(match.group(1)) if match else -1
+    if not 0 <= score <= 3:
+        return f"ihc-score is not an integer 0-3: {score_raw!r}"
+    if status_raw == "":
+        if score == 2:
+            return "ihc-score 2 needs ISH status: her2-status is missing"
+        status = 1 if score == 3 else 0
+    elif status_raw.lower() in _STATUS_WORDS:
+        status = _STATUS_WORDS[status_raw.lower()]
+    else:
+        return f"her2-status is not 0 or 1: {status_raw!r}"
+    if (score in (0, 1) and status == 1) or (score == 3 and status == 0):
+        expected = "positive (1)" if score == 3 else "negative (0)"
+        return (
+            f"inconsistent labels: ihc-score {score} with her2-status {status} "
+            f"(score {score} must be {expected})"
+        )
+    split = split_raw.lower() or None
+    if split is not None and split not in SPLITS:
+        return f"invalid split {split_raw!r} (expected train, val or test)"
+    return _Label(
+        ihc_score=score,
+        her2_status=status,
+        five_class=five_class(score, status),
+        patient_id=patient_raw or default_patient,
+        split=split,
+        cohort=cohort_raw or DEFAULT_COHORT,
+    )
+
+
+def _label_cells(record: Mapping[str, object]) -> tuple[str, str, str, str, str]:
+    return (
+        _cell(record.get("ihc-score")),
+        _cell(record.get("her2-status")),
+        _cell(record.get("patient_id")),
+        _cell(record.get("split")),
+        _cell(record.get("cohort")),
+    )
+
+
+def _make_row(
+    key: str,
+    position: int,
+    cells: tuple[str, str, str, str, str],
+    default_patient: str,
+    extra: tuple[str, ...] = (),
+) -> _Row:
+    parsed = _parse_label(*cells, default_patient=default_patient)
+    signature: tuple[object, ...] = (
+        ("ok", *astuple(parsed)) if isinstance(parsed, _Label) else ("raw", *cells)
+    )
+    return _Row(key=key, position=position, parsed=parsed, signature=signature, extra=extra)
+
+
+def _resolve(
+    rows: list[_Row],
+    source: str,
+    locate: Callable[[_Row], str | None],
+) -> tuple[list[tuple[_Row, _Label]], list[QCProblem]]:
+    """Shared duplicate/conflict handling, then availability (`locate`) and label validity per core."""
+    groups: dict[str, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(row.key, []).append(row)
+    kept: list[tuple[_Row, _Label]] = []
+    problems: list[QCProblem] = []
+    for key, group in groups.items():
+        if len({row.signature for row in group}) > 1:
+            where = ", ".join(str(r.position) for r in group)
+            problems.append(
+                QCProblem(
+                    source,
+                    key,
+                    f"conflicting rows for {key!r} (data rows {where} give different labels); all rejected",
+                )
+            )
+            continue
+        first = group[0]
+        for dup in group[1:]:
+            problems.append(
+                QCProblem(
+                    source,
+                    key,
+                    f"duplicate row for {key!r} (data row {dup.position} repeats data row {first.position}); kept one",
+                )
+            )
+        missing = locate(first)
+        if missing is not None:
+            problems.append(QCProblem(source, key, missing))
+        elif isinstance(first.parsed, str):
+            problems.append(QCProblem(source, key, first.parsed))
+        else:
+            kept.append((first, first.parsed))
+    return kept, problems
+
+
+def _label_records(kept: list[tuple[_Row, _Label]]) -> list[dict[str, object]]:
+    return [
+        {
+            "ihc_score": lab.ihc_score,
+            "her2_status": lab.her2_status,
+            "five_class": lab.five_class,
+            "patient_id": lab.patient_id,
+            "split": lab.split if lab.split is not None else pd.NA,
+            "cohort": lab.cohort,
+        }
+        for _, lab in kept
+    ]
+
+
+def _frame(records: list[dict[str, object]], columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(records, columns=columns)
+    for col in ("ihc_score", "her2_status"):
+        frame[col] = frame[col].astype("int64")
+    frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), pd.NA)
+    return frame.reset_index(drop=True)
+
+
+def validate_labels(
+    table: pd.DataFrame, source: str, available: Collection[str]
+) -> tuple[pd.DataFrame, list[QCProblem]]:
+    """Check labels.csv (read with dtype=str) against the files found in the cores folder.
+
+    `available` holds relative POSIX paths. Returns the clean rows (`filename`, `ihc_score`,
+    `her2_status`, `five_class`, `patient_id`, `split`, `cohort`) and one problem per bad input.
+    Without a `patient_id`, each core is its own patient (patient_id = filename without extension);
+    `cohort` defaults to "internal"; `split` is NA when not given.
+    """
+    table, dupes = _normalise_headers(table)
+    empty = _frame([], LABELS_OUTPUT_COLUMNS)
+    if dupes:
+        return empty, [
+            QCProblem(
+                source, "", f"duplicate column(s) {', '.join(map(repr, dupes))}; no rows accepted"
+            )
+        ]
+    missing = _missing_columns(table, ("filename", "ihc-score"), source)
+    if missing:
+        return empty, missing
+
+    available_set = {posixpath.normpath(a) for a in available}
+    by_lower: dict[str, str] = {}
+    for name in available_set:
+        by_lower.setdefault(name.lower(), name)
+
+    problems: list[QCProblem] = []
+    rows: list[_Row] = []
+    for position, record in enumerate(table.to_dict("records"), start=1):
+        raw_name = _cell(record.get("filename"))
+        name, why = safe_relative_path(raw_name, "cores")
+        if name is None:
+            problems.append(QCProblem(source, raw_name, f"{why} (data row {position})"))
+            continue
+        stem = posixpath.splitext(name)[0]
+        rows.append(_make_row(name, position, _label_cells(record), default_patient=stem))
+
+    def locate(row: _Row) -> str | None:
+        if row.key in available_set:
+            return None
+        hint = by_lower.get(row.key.lower())
+        suffix = f" (did you mean {hint!r}? names are case-sensitive)" if hint else ""
+        return f"label without file: {row.key!r} is not in the cores folder{suffix}"
+
+    kept, found = _resolve(rows, source, locate)
+    problems += found
+    named = {row.key for row in rows}
+    problems += [
+        QCProblem("cores", name, f"file without label: not listed in {source}")
+        for name in sorted(available_set - named)
+    ]
+    records = [
+        {"filename": row.key, **rec}
+        for (row, _), rec in zip(kept, _label_records(kept), strict=True)
+    ]
+    return _frame(records, LABELS_OUTPUT_COLUMNS), problems
+
+
+def slide_stem(name: str) -> str:
+    """A slide's id stem: its file name without folder and extension (also `.ome.tif[f]`)."""
+    base = posixpath.basename(name)
+    lower = base.lower()
+    for suffix in _SLIDE_SUFFIXES:
+        if lower.endswith(suffix):
+            return base[: -len(suffix)]
+    return posixpath.splitext(base)[0]
+
+
+def normalise_core_label(label: str) -> str | None:
+    """Grid label like 'a-01' -> 'A-1' (row letters, '-', column number); None when malformed."""
+    match = _CORE_RE.match(label.strip().upper())
+    if not match:
+        return None
+    return f"{match.group(1)}-{int(match.group(2))}"
+
+
+def validate_slide_map(
+    table: pd.DataFrame, source: str, found_core_labels: Mapping[str, Collection[str]]
+) -> tuple[pd.DataFrame, list[QCProblem]]:
+    """Check slide_map.csv (dtype=str) against the cores found by dearraying each slide.
+
+    `found_core_labels` maps slide file name (relative to the slides folder) to its grid labels.
+    Returns clean rows with `core_id = f"{slide_stem}_{core}"`, `slide`, `core` and the label columns
+    (patient_id defaults to the core id: each core its own patient) plus one problem per bad input.
+    """
+    table, dupes = _normalise_headers(table)
+    empty = _frame([], SLIDE_MAP_OUTPUT_COLUMNS)
+    if dupes:
+        return empty, [
+            QCProblem(
+                source, "", f"duplicate column(s) {', '.join(map(repr, dupes))}; no rows accepted"
+            )
+        ]
+    missing = _missing_columns(table, ("slide", "core", "ihc-score"), source)
+    if missing:
+        return empty, missing
+
+    found: dict[str, set[str]] = {}
+    for slide, labels in found_core_labels.items():
+        found[slide] = {
+            n for n in (normalise_core_label(str(lab)) for lab in labels) if n is not None
+        }
+    lookup: dict[str, set[str]] = {}
+    for slide in found:
+        for alias in {slide, posixpath.basename(slide), slide_stem(slide)}:
+            lookup.setdefault(alias, set()).add(slide)
+
+    problems: list[QCProblem] = []
+    rows: list[_Row] = []
+    for position, record in enumerate(table.to_dict("records"), start=1):
+        raw_slide, raw_core = _cell(record.get("slide")), _cell(record.get("core"))
+        slide_name, why = safe_relative_path(raw_slide, "slides")
+        core = normalise_core_label(raw_core)
+        if slide_name is None:
+            reason = (
+                "slide is empty" if raw_slide == "" else str(why).replace("filename", "slide name")
+            )
+            problems.append(
+                QCProblem(source, f"{raw_slide}_{raw_core}", f"{reason} (data row {position})")
+            )
+            continue
+        if core is None:
+            problems.append(
+                QCProblem(
+                    source,
+                    f"{slide_stem(slide_name)}_{raw_core}",
+                    f"invalid core label {raw_core!r} (expected row letters, '-', column number, e.g. 'A-1'; data row {position})",
+                )
+            )
+            continue
+        matches = lookup.get(slide_name, set())
+        slide_key = next(iter(matches)) if len(matches) == 1 else slide_name
+        if len(matches) > 1:
+            slide_key = f"?{slide_name}"  # ambiguous; reported by locate()
+        core_id = f"{slide_stem(slide_key.lstrip('?'))}_{core}"
+        rows.append(
+            _make_row(
+                core_id,
+                position,
+                _label_cells(record),
+                default_patient=core_id,
+                extra=(slide_key, core),
+            )
+        )
+
+    def locate(row: _Row) -> str | None:
+        slide_key, core = row.extra
+        if slide_key.startswith("?"):
+            options = ", ".join(sorted(lookup[slide_key[1:]]))
+            return f"label without core: slide name {slide_key[1:]!r} is ambiguous ({options})"
+        if slide_key not in found:
+            return f"label without core: slide {slide_key!r} not found in the slides folder"
+        if core not in found[slide_key]:
+            return f"label without core: core {core} not found on slide {slide_key!r}"
+        return None
+
+    kept, found_problems = _resolve(rows, source, locate)
+    problems += found_problems
+    labelled = {(row.extra[0], row.extra[1]) for row in rows}
+    for slide in sorted(found):
+        for core in sorted(found[slide], key=_core_sort_key):
+            if (slide, core) not in labelled:
+                problems.append(
+                    QCProblem(
+                        f"slides/{slide}",
+                        f"{slide_stem(slide)}_{core}",
+                        f"core without label: not listed in {source}",
+                    )
+                )
+    records = [
+        {"core_id": row.key, "slide": row.extra[0], "core": row.extra[1], **rec}
+        for (row, _), rec in zip(kept, _label_records(kept), strict=True)
+    ]
+    return _frame(records, SLIDE_MAP_OUTPUT_COLUMNS), problems
+
+
+def _core_sort_key(label: str) -> tuple[int, str, int]:
+    letters, number = label.split("-")
+    return (len(letters), letters, int(number))

@@ -1,0 +1,45 @@
+"""QC report rows: one row per input problem and per accepted core (the data contract's qc_report.csv)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+QC_COLUMNS = ["source", "core_id", "status", "reason"]
+
+
+@dataclass(frozen=True)
+class QCProblem:
+    """One rejected input: where it came from, which file/core it concerns, and why.
+
+    `source` names the input ("cores", "labels.csv", "slides/slide1.tif", "slide_map.csv"),
+    `core_id` the file name or core id concerned ("" when none), `reason` the problem in words.
+    """
+
+    source: str
+    core_id: str
+    reason: str
+
+
+def qc_table(
+    problems: Iterable[QCProblem], accepted: Iterable[tuple[str, str, str]]
+) -> pd.DataFrame:
+    """Combine problems (rejected) and accepted `(source, core_id, note)` triples into one QC table.
+
+    Rows are sorted stably by source, core_id and status so the report is reproducible.
+    """
+    rows = [(p.source, p.core_id, REJECTED, p.reason) for p in problems]
+    rows += [(str(s), str(c), ACCEPTED, str(r)) for s, c, r in accepted]
+    table = pd.DataFrame(rows, columns=QC_COLUMNS, dtype=object)
+    if table.empty:
+        return table
+    return table.sort_values(["source", "core_id", "status"], kind="stable").reset_index(drop=True)
+
+
+def accepted_reason(note: str = "") -> str:
+    """Reason text for an accepted row: "ok", or "ok (<note>)" when something was converted."""
+    return f"ok ({note})" if note else "ok"
