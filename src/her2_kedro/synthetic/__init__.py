@@ -1,0 +1,1 @@
+"""Synthetic HER2 IHC cohort: stain optics, procedural cores, labelled cohorts and TMA slides."""

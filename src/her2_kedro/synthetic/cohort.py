@@ -1,0 +1,133 @@
+"""Labelled synthetic cohorts: who is in the study (a table) and their core images (JPEG bytes).
+
+Labels follow the paper's five training classes 0, 1, 2-, 2+, 3 (score 2 split by ISH status).
+A patient's class is drawn from the priors and shared by all the patient's cores (multi-spot
+TMA). The simulated HER2 status is 0 for classes 0, 1, 2- and 1 for 2+, 3.
+
+Status cue (see ``tissue`` for what it looks like): present with probability
+``status_cue_strength`` for 2+ and 3 (amplified tumours) and ``1 - status_cue_strength`` for
+2-, 0 and 1, drawn per patient, so within score 2 the cue predicts the ISH result with
+accuracy ``status_cue_strength`` while intensity does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+
+from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
+from her2_kedro.synthetic.tissue import CoreSpec, encode_jpeg, render_core
+
+CLASSES: tuple[str, ...] = ("0", "1", "2-", "2+", "3")
+BALANCED_PRIORS: dict[str, float] = {c: 1.0 for c in CLASSES}
+PAPER_PRIORS: dict[str, float] = {"0": 1094, "1": 34, "2-": 14, "2+": 46, "3": 93}
+DEFAULT_ARTEFACT_RATES: dict[str, float] = {"tear": 0.1, "fold": 0.1, "partial": 0.1, "blur": 0.1}
+
+_SCORE = {"0": 0, "1": 1, "2-": 2, "2+": 2, "3": 3}
+_STATUS = {"0": 0, "1": 0, "2-": 0, "2+": 1, "3": 1}
+COLUMNS: tuple[str, ...] = (
+    "filename", "patient_id", "ihc-score", "her2-status", "cohort", "status_cue",
+    "tear", "fold", "partial", "blur_sigma", "jpeg_quality",
+)
+
+
+def _normalised_priors(class_priors: Mapping[str, float]) -> np.ndarray:
+    """Class probabilities in ``CLASSES`` order; unknown classes or a zero total are errors."""
+    unknown = set(class_priors) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"unknown classes in priors: {sorted(unknown)}; expected {CLASSES}")
+    p = np.array([float(class_priors.get(c, 0.0)) for c in CLASSES])
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError("class priors must be non-negative with a positive total")
+    return p / p.sum()
+
+
+def sample_cohort(
+    n_patients: int,
+    cores_per_patient: int | tuple[int, int],
+    class_priors: Mapping[str, float],
+    seed: int,
+    external_fraction: float = 0.0,
+    status_cue_strength: float = 0.9,
+    artefact_rates: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """Draw a labelled cohort table (one row per core) whose file names carry no label.
+
+    ``cores_per_patient`` is a fixed count or an inclusive (min, max) range; a fraction
+    ``external_fraction`` of patients comes from the external centre (other stains).
+    """
+    if n_patients < 1:
+        raise ValueError("n_patients must be >= 1")
+    if not 0.0 <= external_fraction <= 1.0 or not 0.0 <= status_cue_strength <= 1.0:
+        raise ValueError("external_fraction and status_cue_strength must lie in [0, 1]")
+    lo, hi = (cores_per_patient, cores_per_patient) if isinstance(cores_per_patient, int) else cores_per_patient
+    if lo < 1 or hi < lo:
+        raise ValueError(f"bad cores_per_patient: {cores_per_patient}")
+    rates = dict(DEFAULT_ARTEFACT_RATES)
+    if artefact_rates is not None:
+        rates.update({k: float(v) for k, v in artefact_rates.items()})
+    rng = np.random.default_rng(seed)
+    probs = _normalised_priors(class_priors)
+    classes = rng.choice(len(CLASSES), size=n_patients, p=probs)
+    n_external = int(round(external_fraction * n_patients))
+    external = np.zeros(n_patients, dtype=bool)
+    external[rng.permutation(n_patients)[:n_external]] = True
+    n_cores = rng.integers(lo, hi + 1, size=n_patients)
+    cue_u = rng.random(n_patients)
+    patient_ids = rng.permutation(n_patients)  # ids unrelated to class order
+
+    rows: list[dict[str, object]] = []
+    for i in range(n_patients):
+        cls = CLASSES[classes[i]]
+        status = _STATUS[cls]
+        cue = bool(cue_u[i] < (status_cue_strength if status == 1 else 1.0 - status_cue_strength))
+        for _ in range(int(n_cores[i])):
+            blur = bool(rng.random() < rates.get("blur", 0.0))
+            rows.append({
+                "patient_id": f"P{patient_ids[i]:05d}",
+                "ihc-score": _SCORE[cls],
+                "her2-status": status,
+                "cohort": "external" if external[i] else "internal",
+                "status_cue": cue,
+                "tear": bool(rng.random() < rates.get("tear", 0.0)),
+                "fold": bool(rng.random() < rates.get("fold", 0.0)),
+                "partial": bool(rng.random() < rates.get("partial", 0.0)),
+                "blur_sigma": float(rng.uniform(1.0, 3.0)) if blur else 0.0,
+                "jpeg_quality": int(rng.integers(70, 96)),
+            })
+    order = rng.permutation(len(rows))  # shuffle so row order (and file number) hides the class
+    table = pd.DataFrame([rows[j] for j in order])
+    table.insert(0, "filename", [f"core_{k:05d}.jpg" for k in range(len(table))])
+    table = table.astype({"ihc-score": int, "her2-status": int, "jpeg_quality": int, "blur_sigma": float})
+    return table.loc[:, list(COLUMNS)]
+
+
+def core_spec_from_row(row: Mapping[str, object], size: int, cell_diameter_px: float) -> CoreSpec:
+    """Build the ``CoreSpec`` of one cohort-table row (external rows get the external stains)."""
+    return CoreSpec(
+        ihc_score=int(row["ihc-score"]),
+        her2_status=int(row["her2-status"]),
+        status_cue=bool(row["status_cue"]),
+        size=int(size),
+        cell_diameter_px=float(cell_diameter_px),
+        stains=EXTERNAL_STAINS if row["cohort"] == "external" else INTERNAL_STAINS,
+        tear=bool(row["tear"]),
+        fold=bool(row["fold"]),
+        partial=bool(row["partial"]),
+        blur_sigma=float(row["blur_sigma"]),
+    )
+
+
+def row_seed(seed: int, row_index: int) -> np.random.Generator:
+    """Independent generator of one row, so any single core can be re-rendered alone."""
+    return np.random.default_rng([int(seed), int(row_index)])
+
+
+def render_cohort(table: pd.DataFrame, size: int, cell_diameter_px: float, seed: int) -> Iterator[tuple[str, bytes]]:
+    """Lazily yield (filename, JPEG bytes) for each row of a cohort table, one core at a time."""
+    for i, row in enumerate(table.to_dict("records")):
+        spec = core_spec_from_row(row, size, cell_diameter_px)
+        rgb = render_core(spec, row_seed(seed, i))
+        yield str(row["filename"]), encode_jpeg(rgb, int(row["jpeg_quality"]))

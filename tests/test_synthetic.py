@@ -1,0 +1,231 @@
+"""Tests of the synthetic cohort generator: cores, cohort tables and whole TMA slides."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage.color import rgb2hed
+from skimage.measure import label
+from sklearn.metrics import roc_auc_score
+
+from her2_kedro.imaging import foreground_mask
+from her2_kedro.synthetic.cohort import (
+    BALANCED_PRIORS,
+    CLASSES,
+    COLUMNS,
+    PAPER_PRIORS,
+    render_cohort,
+    sample_cohort,
+)
+from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS, render_optical_density
+from her2_kedro.synthetic.slide import (
+    SlideSpec,
+    core_label,
+    slide_layout,
+    slide_size,
+    write_synthetic_slide,
+)
+from her2_kedro.synthetic.tissue import CoreSpec, encode_jpeg, render_core
+
+
+def max_mean_dab(rgb: np.ndarray, tile: int = 224) -> float:
+    """The paper's intensity descriptor: max over kept 224 tiles of the mean rgb2hed DAB."""
+    dab = rgb2hed(rgb)[..., 2]
+    fg = foreground_mask(rgb)
+    best = -np.inf
+    for y in range(0, rgb.shape[0] - tile + 1, tile):
+        for x in range(0, rgb.shape[1] - tile + 1, tile):
+            if fg[y:y + tile, x:x + tile].mean() > 0.05:
+                best = max(best, float(dab[y:y + tile, x:x + tile].mean()))
+    return best
+
+
+def median_nucleus_area(rgb: np.ndarray) -> float:
+    """A simple morphology measure: median area of haematoxylin-rich connected blobs."""
+    lab = label(rgb2hed(rgb)[..., 0] > 0.05)
+    areas = np.bincount(lab.ravel())[1:]
+    areas = areas[areas >= 8]
+    return float(np.median(areas)) if areas.size else 0.0
+
+
+# ---------------------------------------------------------------- optics
+
+
+def test_render_optical_density_beer_lambert():
+    zero = np.zeros((4, 5), np.float32)
+    out = render_optical_density(zero, zero, INTERNAL_STAINS)
+    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
+    assert tuple(out[0, 0]) == INTERNAL_STAINS.background_rgb
+    dab = render_optical_density(zero, zero + 1.0, INTERNAL_STAINS)[0, 0].astype(int)
+    assert dab[0] > dab[1] > dab[2]  # brown: blue absorbed most
+    faded = render_optical_density(zero, zero + 1.0, EXTERNAL_STAINS)[0, 0].astype(int)
+    assert faded.sum() > dab.sum()  # external DAB is faded
+    assert EXTERNAL_STAINS.haematoxylin != INTERNAL_STAINS.haematoxylin
+
+
+# ---------------------------------------------------------------- cores
+
+
+def test_render_core_deterministic_shape_and_round():
+    spec = CoreSpec(ihc_score=2, her2_status=1, status_cue=True, size=336, cell_diameter_px=16)
+    a = render_core(spec, np.random.default_rng(5))
+    b = render_core(spec, np.random.default_rng(5))
+    c = render_core(spec, np.random.default_rng(6))
+    assert a.shape == (336, 336, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert encode_jpeg(a, 85) == encode_jpeg(b, 85)
+    fg = foreground_mask(a)
+    k = 20
+    for corner in (fg[:k, :k], fg[:k, -k:], fg[-k:, :k], fg[-k:, -k:]):
+        assert corner.mean() == 0.0
+    assert fg[118:218, 118:218].mean() > 0.5
+    yy, xx = np.mgrid[:336, :336]
+    assert fg[np.hypot(yy - 168, xx - 168) > 0.49 * 336].mean() < 0.01  # round core
+
+
+def test_encode_jpeg_quality_controls_size():
+    rgb = render_core(CoreSpec(3, 1, False, size=224, cell_diameter_px=14), np.random.default_rng(0))
+    lo, hi = encode_jpeg(rgb, 60), encode_jpeg(rgb, 95)
+    assert len(lo) < len(hi)
+    back = np.asarray(Image.open(io.BytesIO(hi)))
+    assert back.shape == rgb.shape and np.abs(back.astype(int) - rgb).mean() < 4
+
+
+@pytest.mark.parametrize("flag", ["tear", "fold", "partial", "blur"])
+def test_artefacts_change_the_core(flag):
+    base = CoreSpec(2, 0, False, size=224, cell_diameter_px=14)
+    kwargs = {"blur_sigma": 2.0} if flag == "blur" else {flag: True}
+    plain = render_core(base, np.random.default_rng(3))
+    art = render_core(CoreSpec(2, 0, False, size=224, cell_diameter_px=14, **kwargs), np.random.default_rng(3))
+    assert art.shape == plain.shape and not np.array_equal(art, plain)
+    if flag == "partial":
+        assert foreground_mask(art).mean() < foreground_mask(plain).mean() - 0.03
+    if flag == "fold":
+        assert art.astype(float).mean() < plain.astype(float).mean()
+
+
+def test_dab_descriptor_increases_with_score():
+    means = []
+    for score in range(4):
+        vals = [
+            max_mean_dab(render_core(CoreSpec(score, int(score == 3), False, size=448, cell_diameter_px=18),
+                                     np.random.default_rng(100 + 10 * score + i)))
+            for i in range(3)
+        ]
+        means.append(np.mean(vals))
+    assert all(b > a * 1.1 for a, b in zip(means[:-1], means[1:], strict=True)), means
+    assert means[3] > 2 * means[2] and means[2] > 1.5 * means[1]
+
+
+def test_status_cue_is_morphological_not_intensity():
+    y, dab, area = [], [], []
+    for i in range(12):
+        for cue in (False, True):
+            rgb = render_core(CoreSpec(2, int(cue), cue, size=448, cell_diameter_px=24),
+                              np.random.default_rng(1000 + 2 * i + cue))
+            y.append(int(cue))
+            dab.append(max_mean_dab(rgb))
+            area.append(median_nucleus_area(rgb))
+    assert roc_auc_score(y, area) > 0.9
+    assert 0.25 < roc_auc_score(y, dab) < 0.75
+
+
+# ---------------------------------------------------------------- cohort
+
+
+def test_sample_cohort_columns_priors_and_rules():
+    t = sample_cohort(2000, (1, 3), BALANCED_PRIORS, seed=1, external_fraction=0.25)
+    assert list(t.columns) == list(COLUMNS)
+    assert t["filename"].is_unique
+    assert all(f.startswith("core_") and f.endswith(".jpg") for f in t["filename"])
+    per_patient = t.groupby("patient_id")
+    assert (per_patient[["ihc-score", "her2-status", "cohort", "status_cue"]].nunique() == 1).all().all()
+    patients = per_patient.first()
+    cls = np.where(patients["ihc-score"] == 2, np.where(patients["her2-status"] == 1, "2+", "2-"),
+                   patients["ihc-score"].astype(str))
+    shares = pd.Series(cls).value_counts(normalize=True)
+    assert set(shares.index) == set(CLASSES)
+    assert shares.between(0.15, 0.25).all(), shares
+    assert (t.loc[t["ihc-score"].isin([0, 1]), "her2-status"] == 0).all()
+    assert (t.loc[t["ihc-score"] == 3, "her2-status"] == 1).all()
+    assert abs((patients["cohort"] == "external").mean() - 0.25) < 0.01
+    s2 = patients[patients["ihc-score"] == 2]
+    assert s2.loc[s2["her2-status"] == 1, "status_cue"].mean() > 0.8
+    assert s2.loc[s2["her2-status"] == 0, "status_cue"].mean() < 0.2
+    assert t["jpeg_quality"].between(70, 95).all()
+    for flag in ("tear", "fold", "partial"):
+        assert 0.05 < t[flag].mean() < 0.15
+    assert t.equals(sample_cohort(2000, (1, 3), BALANCED_PRIORS, seed=1, external_fraction=0.25))
+
+
+def test_sample_cohort_paper_priors_and_no_label_in_names():
+    t = sample_cohort(500, 2, PAPER_PRIORS, seed=3, artefact_rates={"tear": 0, "fold": 0, "partial": 0, "blur": 0})
+    assert len(t) == 1000
+    assert (t["ihc-score"] == 0).mean() > 0.75
+    assert not (t["tear"] | t["fold"] | t["partial"]).any() and (t["blur_sigma"] == 0).all()
+    assert t["cohort"].eq("internal").all()
+    # file number order is unrelated to the label
+    num = t["filename"].str.slice(5, 10).astype(int)
+    assert abs(np.corrcoef(num, t["ihc-score"])[0, 1]) < 0.15
+    with pytest.raises(ValueError):
+        sample_cohort(10, 1, {"4": 1.0}, seed=0)
+
+
+def test_render_cohort_lazy_and_reproducible_per_row():
+    t = sample_cohort(3, 1, BALANCED_PRIORS, seed=2, external_fraction=0.5)
+    it = render_cohort(t, size=224, cell_diameter_px=14, seed=9)
+    first = next(it)
+    rest = list(it)
+    assert [n for n, _ in [first, *rest]] == list(t["filename"])
+    again = list(render_cohort(t.iloc[[0]], size=224, cell_diameter_px=14, seed=9))
+    assert again[0] == first
+    img = np.asarray(Image.open(io.BytesIO(first[1])))
+    assert img.shape == (224, 224, 3)
+
+
+# ---------------------------------------------------------------- slides
+
+
+def test_slide_layout_labels_and_geometry():
+    spec = SlideSpec(n_rows=3, n_cols=4, core_diameter_px=200, pitch_px=260, missing=("B-2",), margin_px=50)
+    lay = slide_layout(spec, np.random.default_rng(0))
+    assert list(lay.columns) == ["core", "row", "col", "cx", "cy", "present"]
+    assert lay["core"].tolist()[:5] == ["A-1", "A-2", "A-3", "A-4", "B-1"]
+    assert lay.set_index("core").loc["B-2", "present"] == np.False_ and lay["present"].sum() == 11
+    w, h = slide_size(spec)
+    r = 200 / 0.93 / 2
+    assert (lay["cx"] - r >= 0).all() and (lay["cx"] + r <= w).all()
+    assert (lay["cy"] - r >= 0).all() and (lay["cy"] + r <= h).all()
+    assert core_label(27, 0) == "AB-1"
+
+
+def test_write_synthetic_slide_pyramid(tmp_path):
+    tiffslide = pytest.importorskip("tiffslide")
+    spec = SlideSpec(n_rows=3, n_cols=4, core_diameter_px=200, pitch_px=300, missing=("A-2", "C-3"),
+                     n_debris=4, margin_px=500, tile_size=256)
+    images = {
+        core_label(r, c): render_core(CoreSpec(3, 1, False, size=216, cell_diameter_px=12), np.random.default_rng(r * 4 + c))
+        for r in range(3) for c in range(4)
+    }
+    path = tmp_path / "tma.tif"
+    lay = write_synthetic_slide(path, spec, images, np.random.default_rng(4))
+    assert lay.equals(slide_layout(spec, np.random.default_rng(4)))
+    slide = tiffslide.TiffSlide(path)
+    try:
+        w, h = slide_size(spec)
+        assert slide.level_count > 1
+        assert slide.level_dimensions[0] == (w, h)
+        assert slide.level_dimensions[1] == (-(-w // 2), -(-h // 2))
+        for row in lay.itertuples():
+            x, y = int(row.cx), int(row.cy)
+            patch = np.asarray(slide.read_region((x - 30, y - 30), 0, (60, 60)).convert("RGB"))
+            tissue = foreground_mask(patch).mean()
+            assert (tissue > 0.3) if row.present else (tissue == 0.0), (row.core, tissue)
+        low = np.asarray(slide.read_region((0, 0), 1, slide.level_dimensions[1]).convert("RGB"))
+        assert 0.05 < foreground_mask(low).mean() < 0.6
+    finally:
+        slide.close()
