@@ -1,0 +1,248 @@
+"""The paper's tile rule: a regular grid of full 224 px tiles, kept where tissue covers > 5 %.
+
+Follows the authors' code (bozeklab/HER2-overexpression): tiles of 224x224 with stride 224 from
+the top-left corner, partial edge tiles dropped, a pixel is background where its grey level
+(0.2989 R + 0.587 G + 0.114 B on 0..255) is above 220, and a tile is kept where its foreground
+fraction is strictly greater than 5 %.
+
+Boundary semantics. The foreground test is done in exact integer arithmetic on uint8 input:
+``2989 R + 5870 G + 1140 B <= 220 * 10_000`` is foreground, i.e. background is *strictly* above the
+threshold and a pixel whose grey is exactly 220 is tissue, the same comparison as
+``imaging.foreground_mask`` (``grey <= background_grey``). Over all 256**3 colours the two agree
+everywhere except one exact tie, RGB (180, 254, 150), whose grey is exactly 220.0 but which
+``imaging.grey`` evaluates in float32 as 220.00002 (background); the integer rule calls it tissue,
+which is the mathematically exact answer. (Checked exhaustively on every colour within +-0.3 grey
+levels of the threshold; no other colour can be affected by float32 rounding.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from her2_kedro.imaging import BACKGROUND_GREY
+
+#: Integer grey weights: 10_000 x (0.2989, 0.587, 0.114); the products fit int32 without loss.
+INT_GREY_WEIGHTS = (2989, 5870, 1140)
+INT_GREY_SCALE = 10_000
+
+TILE_COLUMNS = ["core_id", "x", "y", "tissue_fraction"]
+
+# Rows of the image processed at once by the foreground pass (keeps temporaries in cache).
+_BAND_ROWS = 224
+
+
+@dataclass(frozen=True)
+class TileRule:
+    """Tile geometry and the tissue filter; the defaults are the paper's (authors' code)."""
+
+    tile_size: int = 224
+    stride: int = 224
+    background_grey: float = BACKGROUND_GREY
+    min_tissue: float = 0.05
+    offset: tuple[int, int] = (0, 0)  # (x, y) of the first tile's top-left corner
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0 or self.stride <= 0:
+            raise ValueError(f"tile_size and stride must be positive, got {self}")
+        if self.offset[0] < 0 or self.offset[1] < 0:
+            raise ValueError(f"offset must be non-negative, got {self.offset}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
+
+
+#: The paper's rule (224 px tiles, stride 224 from (0, 0), background grey > 220, > 5 % tissue).
+PAPER_RULE = TileRule()
+
+
+def _axis_origins(length: int, size: int, stride: int, start: int) -> np.ndarray:
+    """Starts of the full windows of ``size`` along one axis, from ``start`` every ``stride``."""
+    if length - start < size:
+        return np.zeros(0, dtype=np.int64)
+    n = (length - start - size) // stride + 1
+    return start + stride * np.arange(n, dtype=np.int64)
+
+
+def tile_origins(height: int, width: int, rule: TileRule = PAPER_RULE) -> np.ndarray:
+    """Top-left (x, y) of every full tile of the grid, in raster order; partial edge tiles dropped."""
+    xs = _axis_origins(width, rule.tile_size, rule.stride, rule.offset[0])
+    ys = _axis_origins(height, rule.tile_size, rule.stride, rule.offset[1])
+    if xs.size == 0 or ys.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def _int_threshold(background_grey: float) -> int:
+    """Largest integer weighted sum that still counts as foreground (grey <= background_grey)."""
+    return math.floor(background_grey * INT_GREY_SCALE + 1e-6)
+
+
+def _foreground_band(band: np.ndarray, threshold: int, out: np.ndarray) -> None:
+    """Write the foreground mask of an RGB uint8 band into ``out`` (exact integer grey test)."""
+    wr, wg, wb = INT_GREY_WEIGHTS
+    s = band[..., 0].astype(np.int32)
+    s *= wr
+    t = np.multiply(band[..., 1], wg, dtype=np.int32)
+    s += t
+    np.multiply(band[..., 2], wb, out=t, dtype=np.int32)
+    s += t
+    np.less_equal(s, threshold, out=out)
+
+
+def foreground_mask_fast(rgb: np.ndarray, background_grey: float = BACKGROUND_GREY) -> np.ndarray:
+    """Tissue mask of an RGB uint8 image, same rule as ``imaging.foreground_mask`` but ~4x faster."""
+    _check_rgb(rgb)
+    height = rgb.shape[0]
+    out = np.empty(rgb.shape[:2], dtype=bool)
+    threshold = _int_threshold(background_grey)
+    for y0 in range(0, height, _BAND_ROWS):
+        _foreground_band(rgb[y0 : y0 + _BAND_ROWS], threshold, out[y0 : y0 + _BAND_ROWS])
+    return out
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image, got dtype {rgb.dtype}")
+
+
+def _grid_counts(rgb: np.ndarray, rule: TileRule, nx: int, ny: int) -> np.ndarray:
+    """Foreground pixel count per tile (ny, nx) for a non-overlapping, gap-free grid."""
+    size = rule.tile_size
+    ox, oy = rule.offset
+    threshold = _int_threshold(rule.background_grey)
+    counts = np.zeros((ny, nx), dtype=np.int64)
+    mask = np.empty((size, nx * size), dtype=bool)
+    acc = np.uint16 if size <= np.iinfo(np.uint16).max else np.uint32
+    for j in range(ny):
+        y0 = oy + j * size
+        band = rgb[y0 : y0 + size, ox : ox + nx * size]
+        _foreground_band(band, threshold, mask)
+        column_sums = np.add.reduce(mask.view(np.uint8), axis=0, dtype=acc)
+        counts[j] = column_sums.reshape(nx, size).sum(axis=1)
+    return counts
+
+
+def tile_fractions(mask: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
+    """Fraction of True pixels of a boolean mask in each ``size`` tile at ``origins`` (x, y)."""
+    if len(origins) == 0:
+        return np.zeros(0, dtype=np.float64)
+    x = np.asarray(origins[:, 0], dtype=np.int64)
+    y = np.asarray(origins[:, 1], dtype=np.int64)
+    # Column sums over each distinct band of rows [y, y + size), then a prefix sum along x.
+    rows = np.zeros((mask.shape[0] + 1, mask.shape[1]), dtype=np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=rows[1:])
+    band_ys, band_of = np.unique(y, return_inverse=True)
+    bands = rows[band_ys + size] - rows[band_ys]
+    prefix = np.zeros((len(band_ys), mask.shape[1] + 1), dtype=np.int64)
+    np.cumsum(bands, axis=1, out=prefix[:, 1:])
+    total = prefix[band_of, x + size] - prefix[band_of, x]
+    return total / float(size * size)
+
+
+def _empty_index() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "core_id": pd.Series([], dtype=str),
+            "x": pd.Series([], dtype=np.int32),
+            "y": pd.Series([], dtype=np.int32),
+            "tissue_fraction": pd.Series([], dtype=np.float32),
+        }
+    )
+
+
+def _index_frame(core_id: str, origins: np.ndarray, fractions: np.ndarray) -> pd.DataFrame:
+    if len(origins) == 0:
+        return _empty_index()
+    return pd.DataFrame(
+        {
+            "core_id": pd.Series([core_id] * len(origins), dtype=str),
+            "x": origins[:, 0].astype(np.int32),
+            "y": origins[:, 1].astype(np.int32),
+            "tissue_fraction": fractions.astype(np.float32),
+        }
+    )
+
+
+def _grid_counts_from_mask(mask: np.ndarray, rule: TileRule, nx: int, ny: int) -> np.ndarray:
+    """Foreground pixel count per tile (ny, nx) of a gap-free grid, from a precomputed mask."""
+    size = rule.tile_size
+    ox, oy = rule.offset
+    acc = np.uint16 if size <= np.iinfo(np.uint16).max else np.uint32
+    counts = np.zeros((ny, nx), dtype=np.int64)
+    for j in range(ny):
+        y0 = oy + j * size
+        band = mask[y0 : y0 + size, ox : ox + nx * size].view(np.uint8)
+        counts[j] = np.add.reduce(band, axis=0, dtype=acc).reshape(nx, size).sum(axis=1)
+    return counts
+
+
+def all_tiles(
+    rgb: np.ndarray, rule: TileRule = PAPER_RULE, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Origins (n, 2) of every full tile and its foreground fraction, before the tissue filter.
+
+    ``mask`` (the foreground mask, when the caller already has it) avoids recomputing it.
+    """
+    _check_rgb(rgb)
+    height, width = rgb.shape[:2]
+    if mask is not None and mask.shape != (height, width):
+        raise ValueError(f"mask {mask.shape} does not match the image {rgb.shape[:2]}")
+    origins = tile_origins(height, width, rule)
+    if len(origins) == 0:
+        return origins, np.zeros(0, dtype=np.float64)
+    size = rule.tile_size
+    area = float(size * size)
+    if rule.stride == size:  # non-overlapping, gap-free grid: per-band reshape-sum
+        nx = _axis_origins(width, size, size, rule.offset[0]).size
+        ny = _axis_origins(height, size, size, rule.offset[1]).size
+        if mask is None:
+            counts = _grid_counts(rgb, rule, nx, ny)
+        else:
+            counts = _grid_counts_from_mask(mask, rule, nx, ny)
+        return origins, counts.ravel() / area
+    if mask is None:
+        mask = foreground_mask_fast(rgb, rule.background_grey)
+    return origins, tile_fractions(mask, origins, size)
+
+
+def tile_index_from_fractions(
+    core_id: str, origins: np.ndarray, fractions: np.ndarray, rule: TileRule = PAPER_RULE
+) -> pd.DataFrame:
+    """Apply the tissue filter (fraction strictly above ``rule.min_tissue``) and build the index."""
+    keep = fractions > rule.min_tissue
+    return _index_frame(core_id, origins[keep], fractions[keep])
+
+
+def tile_index(rgb: np.ndarray, core_id: str, rule: TileRule = PAPER_RULE) -> pd.DataFrame:
+    """Kept tiles of one core: columns ``core_id, x, y, tissue_fraction`` (x, y = top-left, px)."""
+    origins, fractions = all_tiles(rgb, rule)
+    return tile_index_from_fractions(core_id, origins, fractions, rule)
+
+
+def read_tile(image: np.ndarray, x: int, y: int, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` tile at top-left (x, y) of an image, as a view (no copy)."""
+    x, y = int(x), int(y)
+    if x < 0 or y < 0 or y + size > image.shape[0] or x + size > image.shape[1]:
+        raise ValueError(f"tile ({x}, {y}, size {size}) leaves the image of shape {image.shape}")
+    return image[y : y + size, x : x + size]
+
+
+def iter_tiles(
+    rgb: np.ndarray, index_rows: pd.DataFrame | Iterable[tuple[int, int]], size: int
+) -> Iterator[np.ndarray]:
+    """Yield the tiles (views) listed by a tile index frame (x, y columns) or (x, y) pairs."""
+    if isinstance(index_rows, pd.DataFrame):
+        pairs: Iterable[tuple[int, int]] = zip(
+            index_rows["x"].to_numpy(), index_rows["y"].to_numpy(), strict=True
+        )
+    else:
+        pairs = index_rows
+    for x, y in pairs:
+        yield read_tile(rgb, x, y, size)
