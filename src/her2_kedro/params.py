@@ -138,9 +138,93 @@ class IngestionParams(_Strict):
     splits: SplitConfig = SplitConfig()
 
 
+class TileConfig(_Strict):
+    """The paper's tile rule (authors' code: 224 px, stride 224 from (0, 0), >5 % tissue)."""
+
+    tile_size: int = Field(224, ge=16)
+    stride: int = Field(224, ge=1)
+    background_grey: float = Field(220.0, ge=0, le=255)
+    min_tissue: float = Field(0.05, ge=0, lt=1)
+
+
+class ThresholdConfig(_Strict):
+    """DAB positivity thresholds for intensity+, in rgb2hed DAB units (decimal OD / 6)."""
+
+    weak: float = Field(0.2 / 6, gt=0)
+    moderate: float = Field(0.4 / 6, gt=0)
+    strong: float = Field(0.6 / 6, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdConfig:
+        if not self.weak < self.moderate < self.strong:
+            raise ValueError("thresholds must satisfy weak < moderate < strong")
+        return self
+
+
+class StainNormalisationConfig(_Strict):
+    """Macenko reference from training tiles, applied to the cohorts listed in normalise_cohorts."""
+
+    normalise_cohorts: list[str] = ["external"]
+    reference_splits: list[Literal["train", "val", "test"]] = ["train"]
+    max_reference_cores: int = Field(40, ge=1)
+    tiles_per_core: int = Field(8, ge=1)
+    preview_tiles: int = Field(6, ge=0)
+    seed: int = 0
+
+
+class PreprocessingParams(_Strict):
+    """Everything the preprocessing pipeline reads from ``parameters_preprocessing.yml``."""
+
+    tiles: TileConfig = TileConfig()
+    intensity_thresholds: ThresholdConfig = ThresholdConfig()
+    stain_normalisation: StainNormalisationConfig = StainNormalisationConfig()
+
+
+class IntensityModelConfig(_Strict):
+    """One intensity model: its feature set and the C values tried on the validation split."""
+
+    name: str
+    features: list[str] = Field(min_length=1)
+    standardize: bool = True
+    c_grid: list[float] = Field([0.01, 0.1, 1.0, 10.0, 100.0], min_length=1)
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError("every C must be > 0")
+        return value
+
+
+class TaskConfig(_Strict):
+    """A prediction task: its name and the manifest column it predicts."""
+
+    name: Literal["ihc_score", "her2_status"]
+    target: Literal["ihc_score", "her2_status"]
+
+
+class IntensityStudyParams(_Strict):
+    """The intensity study (``parameters_intensity.yml``): models, tasks, evaluation-only cohorts."""
+
+    seed: int = 0
+    evaluation_only_cohorts: list[str] = ["external"]
+    tasks: dict[str, TaskConfig]
+    models: dict[str, IntensityModelConfig]
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> IntensityStudyParams:
+        for kind, entries in (("tasks", self.tasks), ("models", self.models)):
+            for key, entry in entries.items():
+                if key != entry.name:
+                    raise ValueError(f"{kind}.{key}.name must be {key!r} (got {entry.name!r})")
+        return self
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "synthetic": SyntheticParams,
     "ingestion": IngestionParams,
+    "preprocessing": PreprocessingParams,
+    "intensity_study": IntensityStudyParams,
 }
 
 

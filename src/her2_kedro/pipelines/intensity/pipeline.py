@@ -1,0 +1,80 @@
+"""Intensity study: one modular pipeline, namespaced per feature set (model) and task."""
+
+import warnings
+
+from kedro.pipeline import Node, Pipeline
+
+from her2_kedro.pipelines.intensity import nodes
+
+MODELS = ("intensity", "intensity_plus")
+TASKS = ("ihc_score", "her2_status")
+FEATURES = {"intensity": "intensity_features", "intensity_plus": "intensity_plus_features"}
+
+
+def study_template() -> Pipeline:
+    """Task table → fit with C chosen on validation → evaluate (the same for every model and task)."""
+    return Pipeline(
+        [
+            Node(
+                nodes.build_task_table,
+                inputs=["core_manifest", "features", "params:task", "params:model", "params:study"],
+                outputs=["table", "feature_problems"],
+                name="build_task_table",
+            ),
+            Node(
+                nodes.fit_model,
+                inputs=["table", "params:task", "params:model", "params:study"],
+                outputs=["model", "model_selection"],
+                name="fit_model",
+            ),
+            Node(
+                nodes.evaluate_model,
+                inputs=["model", "table", "model_selection", "params:task", "params:model"],
+                outputs=["predictions", "metrics", "tables", "figures", "mlflow_metrics"],
+                name="evaluate_model",
+            ),
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Four namespaced instances (intensity, intensity_plus × ihc_score, her2_status) and the reports."""
+    studies = [
+        Pipeline(
+            study_template(),
+            namespace=f"{model}.{task}",
+            inputs={"core_manifest": "core_manifest", "features": FEATURES[model]},
+            parameters={
+                "params:task": f"params:intensity_study.tasks.{task}",
+                "params:model": f"params:intensity_study.models.{model}",
+                "params:study": "params:intensity_study",
+            },
+        )
+        for model in MODELS
+        for task in TASKS
+    ]
+    names = [f"{model}.{task}" for model in MODELS for task in TASKS]
+    with warnings.catch_warnings():
+        # the report node reads the namespaced outputs by their full, dotted names on purpose
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        report = _report_node(names)
+    return Pipeline([*studies, report], tags=["intensity"])
+
+
+def _report_node(names: list[str]) -> Pipeline:
+    """Collects every namespace's metrics and predictions into the shared report tables."""
+    return Pipeline(
+        [
+            Node(
+                nodes.collect_reports,
+                inputs=[
+                    "previous_metrics",
+                    "previous_predictions",
+                    *[f"{n}.metrics" for n in names],
+                    *[f"{n}.predictions" for n in names],
+                ],
+                outputs=["metrics", "predictions"],
+                name="collect_intensity_reports",
+            )
+        ]
+    )

@@ -1,0 +1,148 @@
+"""Preprocessing of accepted cores: reference stain estimation, normalisation, tiles and features.
+
+Each core is decoded once; where its cohort is marked for normalisation its stains are mapped onto the
+reference (Macenko estimation plus deconvolution/reconvolution, as the paper did for the external
+centre), then the tile index and the intensity descriptors are computed in one pass. Tiles are not
+written to disk: ``tile_index`` records where they are, and later stages cut them from the core image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from her2_kedro.features import IntensityThresholds, core_features
+from her2_kedro.normalisation import (
+    StainEstimationError,
+    StainVectors,
+    check_stain_vectors,
+    estimate_stain_vectors,
+    normalise,
+)
+from her2_kedro.qc.report import QCProblem
+from her2_kedro.tiling import TileRule, read_tile, tile_index
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[], bytes]
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """RGB uint8 pixels of an accepted core (ingestion already verified and converted it)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _loader(cores: Mapping[str, Loader], image: str) -> Loader:
+    if image not in cores:
+        raise KeyError(
+            f"{image} is in the core manifest but not in data/02_intermediate/cores: "
+            "re-run `kedro run --pipelines=ingestion`"
+        )
+    return cores[image]
+
+
+def reference_tiles(
+    manifest: pd.DataFrame,
+    cores: Mapping[str, Loader],
+    rule: TileRule,
+    max_cores: int,
+    tiles_per_core: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """Tiles sampled from up to ``max_cores`` reference cores, the most tissue-rich of each core."""
+    rng = np.random.default_rng(seed)
+    chosen = manifest.iloc[rng.permutation(len(manifest))[:max_cores]]
+    tiles: list[np.ndarray] = []
+    for row in tqdm(chosen.itertuples(index=False), total=len(chosen), desc="reference tiles"):
+        rgb = decode_rgb(_loader(cores, row.image)())
+        index = tile_index(rgb, row.core_id, rule)
+        best = index.sort_values("tissue_fraction", ascending=False).head(tiles_per_core)
+        tiles.extend(read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples())
+    return tiles
+
+
+def estimate_reference(
+    tiles: Sequence[np.ndarray], background_grey: float
+) -> tuple[StainVectors, list[str]]:
+    """Macenko reference stain vectors from pooled tiles, sanity-checked (swaps fixed, oddities noted)."""
+    if not tiles:
+        raise StainEstimationError(
+            "no reference tiles: the reference cohort has no core with a tissue tile"
+        )
+    vectors = estimate_stain_vectors(tiles, background_grey=background_grey)
+    return check_stain_vectors(vectors)
+
+
+@dataclass
+class PreprocessResult:
+    """Per-core outputs of preprocessing, gathered over all cores."""
+
+    tiles: list[pd.DataFrame] = field(default_factory=list)
+    features: list[dict] = field(default_factory=list)
+    problems: list[QCProblem] = field(default_factory=list)
+
+
+def preprocess_cores(
+    manifest: pd.DataFrame,
+    cores: Mapping[str, Loader],
+    rule: TileRule,
+    thresholds: IntensityThresholds,
+    reference: StainVectors | None,
+    normalise_cohorts: Iterable[str],
+) -> PreprocessResult:
+    """Tile index and intensity features of every core; normalised first where its cohort asks."""
+    normalise_cohorts = set(normalise_cohorts)
+    result = PreprocessResult()
+    for row in tqdm(manifest.itertuples(index=False), total=len(manifest), desc="preprocessing cores"):
+        rgb = decode_rgb(_loader(cores, row.image)())
+        if reference is not None and row.cohort in normalise_cohorts:
+            try:
+                rgb = normalise(rgb, None, reference, background_grey=rule.background_grey)
+            except StainEstimationError as err:
+                result.problems.append(
+                    QCProblem("preprocessing", row.core_id, f"stain normalisation skipped: {err}")
+                )
+        tiles, features = core_features(rgb, row.core_id, rule, thresholds)
+        if tiles.empty:
+            result.problems.append(
+                QCProblem("preprocessing", row.core_id, "no tissue tile: features undefined")
+            )
+        result.tiles.append(tiles)
+        result.features.append({**features, "normalised": row.cohort in normalise_cohorts})
+    return result
+
+
+def preview_pairs(
+    manifest: pd.DataFrame,
+    cores: Mapping[str, Loader],
+    rule: TileRule,
+    reference: StainVectors,
+    n_tiles: int,
+    seed: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A few tissue-rich tiles before and after normalisation to the reference, for the preview."""
+    rng = np.random.default_rng(seed)
+    chosen = manifest.iloc[rng.permutation(len(manifest))[:n_tiles]]
+    before, after = [], []
+    for row in chosen.itertuples(index=False):
+        rgb = decode_rgb(_loader(cores, row.image)())
+        index = tile_index(rgb, row.core_id, rule)
+        if index.empty:
+            continue
+        best = index.sort_values("tissue_fraction", ascending=False).iloc[0]
+        tile = read_tile(rgb, int(best.x), int(best.y), rule.tile_size).copy()
+        try:
+            normalised = normalise(tile, None, reference, background_grey=rule.background_grey)
+        except StainEstimationError:
+            continue
+        before.append(tile)
+        after.append(normalised)
+    return before, after

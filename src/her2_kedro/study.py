@@ -1,0 +1,162 @@
+"""A study of one model on one task: the data it sees, selection on validation, evaluation.
+
+Shared by every model. Labels come from the core manifest (from the label tables); splits are the
+manifest's patient-level splits; cores of evaluation-only cohorts (the external centre) never train
+or select anything and are reported as their own split. Hyper-parameters are chosen on the
+validation split; test metrics are computed once, after the choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from her2_kedro.intensity_model import IntensityModel, fit_intensity_lr
+from her2_kedro.metrics import (
+    classification_metrics,
+    confusion_frame,
+    metrics_row,
+    status_crosstab,
+)
+from her2_kedro.qc.report import QCProblem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prediction target: the manifest column and its classes (IHC score 0-3, or HER2 status 0/1)."""
+
+    name: str
+    target: str
+    classes: tuple[int, ...]
+
+
+TASKS = {
+    "ihc_score": Task("ihc_score", "ihc_score", (0, 1, 2, 3)),
+    "her2_status": Task("her2_status", "her2_status", (0, 1)),
+}
+
+EXTERNAL_SPLIT = "external"
+
+
+def task_frame(
+    manifest: pd.DataFrame,
+    features: pd.DataFrame,
+    task: Task,
+    feature_names: Sequence[str],
+    evaluation_only_cohorts: Iterable[str] = (),
+) -> tuple[pd.DataFrame, list[QCProblem]]:
+    """Rows ``core_id, split, five_class, y`` plus the features; cores without features are reported."""
+    missing = [f for f in feature_names if f not in features.columns]
+    if missing:
+        raise KeyError(f"features {missing} not in the feature table (columns: {list(features.columns)})")
+    table = manifest[["core_id", "split", "cohort", "five_class", task.target]].merge(
+        features[["core_id", *feature_names]], on="core_id", how="left"
+    )
+    table = table.rename(columns={task.target: "y"})
+    external = table["cohort"].isin(set(evaluation_only_cohorts))
+    table.loc[external, "split"] = EXTERNAL_SPLIT
+    undefined = ~np.isfinite(table[list(feature_names)].to_numpy(dtype=float)).all(axis=1)
+    problems = [
+        QCProblem("features", core_id, "no feature value (no tissue tile): left out of the study")
+        for core_id in table.loc[undefined, "core_id"]
+    ]
+    return table[~undefined].reset_index(drop=True), problems
+
+
+def _xy(table: pd.DataFrame, split: str, feature_names: Sequence[str]):
+    part = table[table["split"] == split]
+    return part[["core_id", *feature_names]].set_index("core_id"), part["y"].to_numpy(dtype=int)
+
+
+def select_and_fit(
+    table: pd.DataFrame,
+    feature_names: Sequence[str],
+    task: Task,
+    c_grid: Sequence[float],
+    standardize: bool,
+    seed: int,
+) -> tuple[IntensityModel, pd.DataFrame]:
+    """Fit on train for each C, keep the best validation balanced accuracy (ties → smaller C)."""
+    X_train, y_train = _xy(table, "train", feature_names)
+    if len(np.unique(y_train)) < 2:
+        raise ValueError(
+            f"{task.name}: the train split has {len(y_train)} cores and classes "
+            f"{sorted(set(y_train))}; at least two classes are needed to fit a model"
+        )
+    X_val, y_val = _xy(table, "val", feature_names)
+    rows = []
+    best: tuple[float, float, IntensityModel] | None = None
+    for c in sorted(c_grid):
+        model = fit_intensity_lr(X_train, y_train, seed=seed, standardize=standardize, C=c)
+        if len(y_val):
+            score = classification_metrics(
+                y_val, model.predict(X_val), model.predict_proba(X_val), task.classes
+            )["balanced_accuracy"]
+        else:
+            score = float("nan")
+        rows.append({"C": c, "val_balanced_accuracy": score})
+        if best is None or (np.isfinite(score) and (not np.isfinite(best[0]) or score > best[0])):
+            best = (score, c, model)
+    if not len(y_val):
+        logger.warning("%s: no validation cores; C=%s used without selection", task.name, best[1])
+    selection = pd.DataFrame(rows).assign(chosen=lambda d: d["C"] == best[1])
+    return best[2], selection
+
+
+def _predictions(model: IntensityModel, table: pd.DataFrame, feature_names, task: Task):
+    X = table[["core_id", *feature_names]].set_index("core_id")
+    proba = model.predict_proba(X)
+    classes = list(model.classes)
+    full = np.zeros((len(table), len(task.classes)))
+    for j, c in enumerate(task.classes):
+        if c in classes:
+            full[:, j] = proba[:, classes.index(c)]
+    predicted = np.asarray(task.classes)[full.argmax(axis=1)]
+    return full, predicted
+
+
+def evaluate(
+    model: IntensityModel,
+    table: pd.DataFrame,
+    feature_names: Sequence[str],
+    task: Task,
+    model_name: str,
+    splits: Sequence[str] = ("train", "val", "test", EXTERNAL_SPLIT),
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Predictions for every core, metric rows per split, and confusion tables per split."""
+    proba, predicted = _predictions(model, table, feature_names, task)
+    predictions = pd.DataFrame(
+        {
+            "model": model_name,
+            "task": task.name,
+            "core_id": table["core_id"],
+            "split": table["split"],
+            "five_class": table["five_class"],
+            "y_true": table["y"].astype(int),
+            "y_pred": predicted.astype(int),
+        }
+    )
+    for j, c in enumerate(task.classes):
+        predictions[f"p_{c}"] = proba[:, j]
+    rows, confusions = [], {}
+    for split in splits:
+        mask = (table["split"] == split).to_numpy()
+        if not mask.any():
+            continue
+        y_true = table.loc[mask, "y"].to_numpy(dtype=int)
+        metrics = classification_metrics(y_true, predicted[mask], proba[mask], task.classes)
+        rows.append(metrics_row(model_name, task.name, split, metrics))
+        confusions[split] = confusion_frame(y_true, predicted[mask], task.classes)
+    return predictions, pd.DataFrame(rows), confusions
+
+
+def crosstab(predictions: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """The paper's Table 2 for a HER2-status model: true class (2- and 2+ apart) x predicted status."""
+    part = predictions[predictions["split"] == split]
+    return status_crosstab(part["five_class"].tolist(), part["y_pred"].tolist())
