@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test lint synthetic ingestion viz mlflow-ui benchmark clean-data
+.PHONY: setup run test lint synthetic ingestion preprocessing intensity viz mlflow-ui benchmark clean-data
 
 setup: $(STAMP)
 
@@ -30,13 +30,19 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	$(BIN)/kedro run --pipelines=synthetic
-	$(BIN)/kedro run --pipelines=ingestion
+	$(BIN)/kedro run --pipelines=intensity
 
 synthetic: setup
 	$(BIN)/kedro run --pipelines=synthetic
 
 ingestion: setup
 	$(BIN)/kedro run --pipelines=ingestion
+
+preprocessing: setup
+	$(BIN)/kedro run --pipelines=preprocessing
+
+intensity: setup
+	$(BIN)/kedro run --pipelines=intensity
 
 test: setup
 	$(BIN)/pytest -q
@@ -53,6 +59,8 @@ mlflow-ui: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/ingestion_benchmark.py
+	$(BIN)/python benchmarks/dearray_accuracy.py
+	$(BIN)/python benchmarks/deconvolution_benchmark.py
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete

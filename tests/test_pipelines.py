@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,10 +15,18 @@ from her2_kedro.pipeline_registry import register_pipelines
 pytestmark = pytest.mark.slow
 
 
+def _add_params(catalog: DataCatalog, prefix: str, values) -> None:
+    """Register params:<a>, params:<a>.<b>, ... as Kedro does for nested parameters."""
+    catalog[f"params:{prefix}"] = MemoryDataset(values)
+    if isinstance(values, dict):
+        for key, value in values.items():
+            _add_params(catalog, f"{prefix}.{key}", value)
+
+
 def _catalog(config, params) -> DataCatalog:
     catalog = DataCatalog.from_config(config)
     for section, values in params.items():
-        catalog[f"params:{section}"] = MemoryDataset(values)
+        _add_params(catalog, section, values)
     return catalog
 
 
@@ -87,3 +96,77 @@ def test_bad_inputs_cost_nothing_else(tmp_path, catalog_config, tiny_synthetic_p
     assert "label without file" in reasons["absent.jpg"]
     broken = qc[qc["source"] == "slides/broken.tif"]
     assert len(broken) == 1 and "unreadable slide" in broken["reason"].iloc[0]
+
+
+@pytest.fixture
+def study_params(tiny_synthetic_params):
+    """Enough patients for every class to reach train and validation, plus an external cohort."""
+    tiny_synthetic_params["synthetic"].update(n_patients=20, external_fraction=0.2)
+    tiny_synthetic_params["preprocessing"]["stain_normalisation"]["max_reference_cores"] = 6
+    tiny_synthetic_params["preprocessing"]["stain_normalisation"]["preview_tiles"] = 2
+    return tiny_synthetic_params
+
+
+def test_intensity_study_end_to_end_with_mlflow(tmp_path, catalog_config, study_params):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _run("synthetic", catalog_config, study_params)
+    with mlflow.start_run() as run:
+        _run("intensity", catalog_config, study_params)
+    data = tmp_path / "data"
+
+    tiles = pd.read_parquet(data / "04_feature" / "tile_index.parquet")
+    assert list(tiles.columns) == ["core_id", "x", "y", "tissue_fraction"]
+    assert (tiles["tissue_fraction"] > 0.05).all() and (tiles[["x", "y"]] % 224 == 0).all().all()
+    features = pd.read_parquet(data / "04_feature" / "intensity_features.parquet")
+    assert list(features.columns) == ["core_id", "max_mean_dab"]
+    manifest_dir = data / "02_intermediate" / "core_manifest.parquet"
+    manifest = pd.read_parquet(next(manifest_dir.iterdir()) / "core_manifest.parquet")
+    assert set(features["core_id"]) == set(manifest["core_id"])
+
+    metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
+    assert list(metrics.columns) == [
+        "model", "task", "split", "n", "balanced_accuracy", "precision_weighted",
+        "recall_weighted", "f1_weighted", "auroc",
+    ]  # fmt: skip
+    assert set(metrics["model"]) == {"intensity", "intensity_plus"}
+    assert set(metrics["task"]) == {"ihc_score", "her2_status"}
+    # external-centre cores never train: they are reported as their own split
+    assert "external" in set(metrics["split"])
+    external = manifest[manifest["cohort"] == "external"]
+    n_external = metrics.query("model == 'intensity' and task == 'her2_status' and split == 'external'")["n"]
+    assert int(n_external.iloc[0]) == len(external) > 0
+    predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")
+    assert len(predictions) == 4 * len(manifest)
+    assert (data / "08_reporting" / "intensity" / "her2_status" / "status_crosstab_test.csv").is_file()
+    model = json.loads((data / "06_models" / "intensity.her2_status.json").read_text())
+    assert model["features"] == ["max_mean_dab"] and model["classes"] == [0, 1]
+
+    logged = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
+    test_rows = metrics.query("split == 'test'")
+    for row in test_rows.itertuples(index=False):
+        name = f"{row.model}.{row.task}.test.balanced_accuracy"
+        assert logged[name] == pytest.approx(row.balanced_accuracy)
+    artifacts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id)]
+    assert {"models", "figures"} <= set(artifacts)
+
+
+def test_rerun_replaces_own_metric_rows_and_keeps_others(tmp_path, catalog_config, study_params):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    reporting = tmp_path / "data" / "08_reporting"
+    reporting.mkdir(parents=True)
+    other = pd.DataFrame([{"model": "mil", "task": "ihc_score", "split": "test", "n": 3,
+                           "balanced_accuracy": 0.5, "precision_weighted": 0.5, "recall_weighted": 0.5,
+                           "f1_weighted": 0.5, "auroc": 0.5}])  # fmt: skip
+    other.to_csv(reporting / "metrics.csv", index=False)
+    _run("synthetic", catalog_config, study_params)
+    with mlflow.start_run():
+        _run("intensity", catalog_config, study_params)
+        first = pd.read_csv(reporting / "metrics.csv")
+        _run("intensity", catalog_config, study_params)
+    second = pd.read_csv(reporting / "metrics.csv")
+    assert len(second) == len(first)
+    assert (second["model"] == "mil").sum() == 1
