@@ -82,7 +82,10 @@ def select_and_fit(
     standardize: bool,
     seed: int,
 ) -> tuple[IntensityModel, pd.DataFrame]:
-    """Fit on train for each C, keep the best validation balanced accuracy (ties → smaller C)."""
+    """Fit on train for each C, keep the best validation balanced accuracy (ties → smaller C).
+
+    Without validation cores there is nothing to select on: the grid value nearest C=1 is used.
+    """
     X_train, y_train = _xy(table, "train", feature_names)
     if len(np.unique(y_train)) < 2:
         raise ValueError(
@@ -104,7 +107,11 @@ def select_and_fit(
         if best is None or (np.isfinite(score) and (not np.isfinite(best[0]) or score > best[0])):
             best = (score, c, model)
     if not len(y_val):
-        logger.warning("%s: no validation cores; C=%s used without selection", task.name, best[1])
+        # nothing to select on: fall back to the grid value closest to sklearn's default C=1
+        c = min(c_grid, key=lambda v: abs(np.log10(v)))
+        model = fit_intensity_lr(X_train, y_train, seed=seed, standardize=standardize, C=c)
+        best = (float("nan"), c, model)
+        logger.warning("%s: no validation cores; C=%s used without selection", task.name, c)
     selection = pd.DataFrame(rows).assign(chosen=lambda d: d["C"] == best[1])
     return best[2], selection
 

@@ -1,0 +1,89 @@
+"""Model selection and evaluation shared by every model: honest splits, selection on validation only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from her2_kedro import study
+
+
+def _manifest_and_features(n=60, seed=0, external=0):
+    rng = np.random.default_rng(seed)
+    score = rng.integers(0, 4, size=n + external)
+    status = (score >= 2).astype(int)
+    manifest = pd.DataFrame(
+        {
+            "core_id": [f"c{i}" for i in range(n + external)],
+            "split": rng.choice(["train", "val", "test"], p=[0.6, 0.2, 0.2], size=n + external),
+            "cohort": ["internal"] * n + ["external"] * external,
+            "five_class": [str(s) if s != 2 else ("2+" if st else "2-") for s, st in zip(score, status, strict=True)],
+            "ihc_score": score,
+            "her2_status": status,
+        }
+    )  # fmt: skip
+    features = pd.DataFrame(
+        {"core_id": manifest["core_id"], "max_mean_dab": score * 0.02 + rng.normal(0, 0.004, n + external)}
+    )  # fmt: skip
+    return manifest, features
+
+
+def test_external_cohort_is_evaluation_only_and_missing_features_reported():
+    manifest, features = _manifest_and_features(external=7)
+    features.loc[3, "max_mean_dab"] = np.nan
+    table, problems = study.task_frame(
+        manifest, features, study.TASKS["her2_status"], ["max_mean_dab"], ["external"]
+    )
+    assert (table.loc[table["core_id"].isin(manifest.core_id[-7:]), "split"] == "external").all()
+    assert [p.core_id for p in problems] == ["c3"] and "c3" not in set(table["core_id"])
+
+
+def test_selection_uses_validation_only_and_test_is_never_seen(monkeypatch):
+    manifest, features = _manifest_and_features()
+    task = study.TASKS["ihc_score"]
+    table, _ = study.task_frame(manifest, features, task, ["max_mean_dab"])
+    seen: list[set[str]] = []
+    real_fit = study.fit_intensity_lr
+
+    def spy(X, y, **kwargs):
+        seen.append(set(X.index))
+        return real_fit(X, y, **kwargs)
+
+    monkeypatch.setattr(study, "fit_intensity_lr", spy)
+    model, selection = study.select_and_fit(table, ["max_mean_dab"], task, [0.01, 1.0, 100.0], True, 0)
+    train_ids = set(table.loc[table["split"] == "train", "core_id"])
+    assert all(ids == train_ids for ids in seen)  # every fit on train only
+    assert selection["chosen"].sum() == 1 and len(selection) == 3
+    predictions, metrics, confusions = study.evaluate(model, table, ["max_mean_dab"], task, "intensity")
+    assert set(metrics["split"]) == {"train", "val", "test"}
+    assert metrics.set_index("split").loc["test", "n"] == (table["split"] == "test").sum()
+    assert metrics.set_index("split").loc["test", "balanced_accuracy"] > 0.8  # separable toy data
+    assert list(confusions["test"].columns) == [0, 1, 2, 3]
+
+
+def test_without_validation_the_default_c_is_used():
+    manifest, features = _manifest_and_features()
+    manifest["split"] = manifest["split"].replace({"val": "train"})
+    task = study.TASKS["her2_status"]
+    table, _ = study.task_frame(manifest, features, task, ["max_mean_dab"])
+    _, selection = study.select_and_fit(table, ["max_mean_dab"], task, [0.01, 1.0, 100.0], True, 0)
+    assert selection.loc[selection["chosen"], "C"].item() == 1.0
+
+
+def test_single_class_train_split_is_a_clear_error():
+    manifest, features = _manifest_and_features()
+    manifest.loc[manifest["split"] == "train", "her2_status"] = 0
+    task = study.TASKS["her2_status"]
+    table, _ = study.task_frame(manifest, features, task, ["max_mean_dab"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        study.select_and_fit(table, ["max_mean_dab"], task, [1.0], True, 0)
+
+
+def test_status_crosstab_keeps_two_minus_and_two_plus_apart():
+    predictions = pd.DataFrame(
+        {"split": ["test"] * 4, "five_class": ["0", "2-", "2+", "3"], "y_pred": [0, 1, 1, 1]}
+    )
+    table = study.crosstab(predictions)
+    assert list(table.columns) == ["0", "1", "2-", "2+", "3"]
+    assert table.loc["Positive", "2-"] == 1 and table.loc["Negative", "0"] == 1
