@@ -106,3 +106,31 @@ def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
     dataset.save(_cohort("f3", names=("core_4.jpg",)))
     assert (tmp_path / "cores" / "mine.jpg").exists() and (tmp_path / "cores" / "core_3.jpg").exists()
     assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f2"
+
+
+def test_optional_csv_is_none_until_written(tmp_path):
+    from her2_kedro.datasets import OptionalCSVDataset
+
+    for name in ("metrics.csv", "predictions.parquet"):
+        dataset = OptionalCSVDataset(filepath=str(tmp_path / "reports" / name))
+        assert dataset.load() is None
+        dataset.save(pd.DataFrame({"model": ["intensity"], "n": [3]}))
+        assert dataset.load().to_dict("list") == {"model": ["intensity"], "n": [3]}
+
+
+def test_figures_are_written_and_logged_to_the_active_mlflow_run(tmp_path):
+    import mlflow
+    from matplotlib.figure import Figure
+
+    from her2_kedro.datasets import FiguresDataset
+
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], [1, 0])
+    dataset = FiguresDataset(path=str(tmp_path / "figs"), artifact_path="figures/x")
+    dataset.save({"confusion_test": figure})  # no run: written only
+    assert [p.name for p in dataset.load()] == ["confusion_test.png"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        dataset.save({"crosstab": figure})
+    logged = mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "figures/x")
+    assert [a.path for a in logged] == ["figures/x/crosstab.png"]
