@@ -98,3 +98,17 @@ def test_bad_input_raises() -> None:
 def test_empty_image() -> None:
     assert dab_channel(np.zeros((0, 5, 3), np.uint8)).shape == (0, 5)
     assert rgb_to_hed(np.zeros((5, 0, 3), np.uint8)).shape == (5, 0, 3)
+
+
+def test_matches_rgb2hed_on_synthetic_cores_of_every_score() -> None:
+    from her2_kedro.synthetic.optics import EXTERNAL_STAINS
+    from her2_kedro.synthetic.tissue import CoreSpec, render_core
+
+    for score in range(4):
+        for stains in ({}, {"stains": EXTERNAL_STAINS}):
+            spec = CoreSpec(ihc_score=score, her2_status=int(score == 3), status_cue=False,
+                            size=336, cell_diameter_px=18, **stains)  # fmt: skip
+            rgb = render_core(spec, np.random.default_rng(score))
+            expected = rgb2hed(rgb).astype(np.float32)
+            np.testing.assert_allclose(dab_channel(rgb), expected[..., 2], rtol=1e-3, atol=1e-6)
+            np.testing.assert_allclose(rgb_to_hed(rgb), expected, rtol=1e-3, atol=1e-6)
