@@ -9,7 +9,7 @@ from her2_kedro.params import ParameterError, SyntheticParams, validate_paramete
 
 def test_shipped_parameters_are_valid(base_params):
     validated = validate_parameters(base_params)
-    assert set(validated) == {"synthetic", "ingestion"}
+    assert set(validated) == {"synthetic", "ingestion", "preprocessing", "intensity_study"}
 
 
 def test_paper_env_overrides_are_valid(base_params):

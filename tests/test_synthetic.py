@@ -29,7 +29,7 @@ from her2_kedro.synthetic.slide import (
     slide_size,
     write_synthetic_slide,
 )
-from her2_kedro.synthetic.tissue import CoreSpec, encode_jpeg, render_core
+from her2_kedro.synthetic.tissue import CoreSpec, _plan, encode_jpeg, render_core
 
 
 def max_mean_dab(rgb: np.ndarray, tile: int = 224) -> float:
@@ -44,11 +44,13 @@ def max_mean_dab(rgb: np.ndarray, tile: int = 224) -> float:
     return best
 
 
-def median_nucleus_area(rgb: np.ndarray) -> float:
-    """A simple morphology measure: median area of haematoxylin-rich connected blobs."""
+def median_nucleus_area(rgb: np.ndarray, cell_diameter_px: float) -> float:
+    """A simple morphology measure: median area of haematoxylin-rich connected blobs of at least
+    0.12 d^2 (tumour-nucleus sized: drops the smaller lymphocytes and thin fibroblasts, whose share
+    follows the core's tumour fraction)."""
     lab = label(rgb2hed(rgb)[..., 0] > 0.05)
     areas = np.bincount(lab.ravel())[1:]
-    areas = areas[areas >= 8]
+    areas = areas[areas >= 0.12 * cell_diameter_px**2]
     return float(np.median(areas)) if areas.size else 0.0
 
 
@@ -108,17 +110,63 @@ def test_artefacts_change_the_core(flag):
         assert art.astype(float).mean() < plain.astype(float).mean()
 
 
-def test_dab_descriptor_increases_with_score():
-    means = []
-    for score in range(4):
-        vals = [
+def test_dab_descriptor_increases_with_score_on_average():
+    # Per-core DAB gain, tumour fraction and focal staining make single cores overlap (as on real
+    # cores); the class means over several cores still rise with the score.
+    vals = {
+        score: [
             max_mean_dab(render_core(CoreSpec(score, int(score == 3), False, size=448, cell_diameter_px=18),
                                      np.random.default_rng(100 + 10 * score + i)))
-            for i in range(3)
+            for i in range(6)
         ]
-        means.append(np.mean(vals))
-    assert all(b > a * 1.1 for a, b in zip(means[:-1], means[1:], strict=True)), means
-    assert means[3] > 2 * means[2] and means[2] > 1.5 * means[1]
+        for score in range(4)
+    }
+    means = [np.mean(vals[s]) for s in range(4)]
+    assert all(b > a for a, b in zip(means[:-1], means[1:], strict=True)), means
+    assert means[3] > 2 * means[0] and means[2] > 1.2 * means[0], means
+    assert roc_auc_score([0] * 6 + [1] * 6, vals[0] + vals[3]) == 1.0  # 0 and 3 clearly apart
+
+
+def test_staining_pattern_follows_gastric_criteria():
+    """Per-cell staining categories obey the >= 10 % rule of the score (1 faint partial, 2 weak-moderate
+    complete, 3 strong complete, 4 moderate fragmented = scored 1)."""
+    for score in range(4):
+        for i in range(8):
+            p = _plan(CoreSpec(score, int(score == 3), False, size=336, cell_diameter_px=16), np.random.default_rng(i))
+            inside = (p.sy.ravel() - p.centre) ** 2 + (p.sx.ravel() - p.centre) ** 2 < p.radius**2
+            cat = p.category[(p.kind == 1) & inside]
+            share = {c: float(np.mean(cat == c)) for c in range(5)}
+            if score == 0:
+                assert 1 - share[0] < 0.10
+            elif score == 1:
+                assert share[1] + share[4] >= 0.10 and share[2] + share[3] < 0.10
+            elif score == 2:
+                assert share[2] >= 0.10 and share[3] < 0.10
+            else:
+                assert share[3] >= 0.10
+            assert (p.partial_mem[p.category == 1] == 1).all() and (p.partial_mem[p.category == 3] == 0).all()
+    # the spec's nuisances override the drawn ones without changing the tissue
+    spec = CoreSpec(3, 1, False, size=224, cell_diameter_px=14)
+    a = _plan(spec, np.random.default_rng(1))
+    b = _plan(CoreSpec(3, 1, False, size=224, cell_diameter_px=14, dab_gain=2.0, focal=not a.focal), np.random.default_rng(1))
+    assert b.dab_gain == 2.0 and b.focal != a.focal and b.tumour_fraction == a.tumour_fraction
+    assert np.array_equal(a.kind, b.kind)
+
+
+def test_dab_gain_scales_measured_intensity():
+    vals = [
+        max_mean_dab(render_core(CoreSpec(2, 0, False, size=448, cell_diameter_px=18, dab_gain=g, tumour_fraction=0.6),
+                                 np.random.default_rng(7)))
+        for g in (0.6, 1.0, 1.6)
+    ]
+    assert vals[0] < vals[1] < vals[2], vals
+    assert vals[2] - vals[0] > 0.5 * (vals[1] - vals[0] + vals[2] - vals[1]) > 0.002, vals
+    more_tumour = [
+        max_mean_dab(render_core(CoreSpec(3, 1, False, size=448, cell_diameter_px=18, dab_gain=1.0, tumour_fraction=f),
+                                 np.random.default_rng(7)))
+        for f in (0.25, 0.85)
+    ]
+    assert more_tumour[0] < more_tumour[1], more_tumour
 
 
 def test_status_cue_is_morphological_not_intensity():
@@ -129,7 +177,7 @@ def test_status_cue_is_morphological_not_intensity():
                               np.random.default_rng(1000 + 2 * i + cue))
             y.append(int(cue))
             dab.append(max_mean_dab(rgb))
-            area.append(median_nucleus_area(rgb))
+            area.append(median_nucleus_area(rgb, 24))
     assert roc_auc_score(y, area) > 0.9
     assert 0.25 < roc_auc_score(y, dab) < 0.75
 
@@ -160,6 +208,15 @@ def test_sample_cohort_columns_priors_and_rules():
     for flag in ("tear", "fold", "partial"):
         assert 0.05 < t[flag].mean() < 0.15
     assert t.equals(sample_cohort(2000, (1, 3), BALANCED_PRIORS, seed=1, external_fraction=0.25))
+    # per-core nuisances: log-normal gain (log-sd 0.3), tumour fraction 0.2-0.9, 30 % focal, label-free
+    assert abs(np.log(t["dab_gain"]).std() - 0.3) < 0.03 and abs(np.log(t["dab_gain"]).mean()) < 0.03
+    assert t["tumour_fraction"].between(0.2, 0.9).all() and abs(t["focal"].mean() - 0.3) < 0.05
+    for col in ("dab_gain", "tumour_fraction"):
+        assert abs(np.corrcoef(t[col], t["ihc-score"])[0, 1]) < 0.1
+    fixed = sample_cohort(50, 1, BALANCED_PRIORS, seed=1, dab_gain_sd=0.0, tumour_fraction_range=(0.5, 0.5), focal_rate=0)
+    assert (fixed["dab_gain"] == 1).all() and (fixed["tumour_fraction"] == 0.5).all() and not fixed["focal"].any()
+    base = sample_cohort(50, 1, BALANCED_PRIORS, seed=1).drop(columns=["dab_gain", "tumour_fraction", "focal"])
+    assert base.equals(fixed.drop(columns=["dab_gain", "tumour_fraction", "focal"]))
 
 
 def test_sample_cohort_paper_priors_and_no_label_in_names():
@@ -185,6 +242,16 @@ def test_render_cohort_lazy_and_reproducible_per_row():
     assert again[0] == first
     img = np.asarray(Image.open(io.BytesIO(first[1])))
     assert img.shape == (224, 224, 3)
+    # the table's nuisance columns reach the renderer
+    row = t.iloc[0]
+    spec = CoreSpec(int(row["ihc-score"]), int(row["her2-status"]), bool(row["status_cue"]), size=224,
+                    cell_diameter_px=14, stains=EXTERNAL_STAINS if row["cohort"] == "external" else INTERNAL_STAINS,
+                    tear=bool(row["tear"]), fold=bool(row["fold"]), partial=bool(row["partial"]),
+                    blur_sigma=float(row["blur_sigma"]), dab_gain=float(row["dab_gain"]),
+                    tumour_fraction=float(row["tumour_fraction"]), focal=bool(row["focal"]))
+    assert encode_jpeg(render_core(spec, np.random.default_rng([9, 0])), int(row["jpeg_quality"])) == first[1]
+    changed = list(render_cohort(t.iloc[[0]].assign(dab_gain=row["dab_gain"] * 2), size=224, cell_diameter_px=14, seed=9))
+    assert changed[0][1] != first[1]
 
 
 # ---------------------------------------------------------------- slides

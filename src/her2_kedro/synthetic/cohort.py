@@ -8,6 +8,14 @@ Status cue (see ``tissue`` for what it looks like): present with probability
 ``status_cue_strength`` for 2+ and 3 (amplified tumours) and ``1 - status_cue_strength`` for
 2-, 0 and 1, drawn per patient, so within score 2 the cue predicts the ISH result with
 accuracy ``status_cue_strength`` while intensity does not.
+
+Per-core nuisances, drawn independently of every label and recorded in the table so each core can
+be re-rendered exactly: ``dab_gain`` (staining run and section thickness scale the DAB of a core,
+log-normal with median 1 and log-sd ``dab_gain_sd``), ``tumour_fraction`` (tumour share of the
+core's tissue, uniform on ``tumour_fraction_range``) and ``focal`` (stained cells clustered in a
+patch, with probability ``focal_rate``). They make the paper's max-mean-DAB descriptor overlap
+between scores as on real cores, while the score itself stays defined by the staining pattern.
+They are drawn from their own generator, so the other columns do not depend on them.
 """
 
 from __future__ import annotations
@@ -18,7 +26,14 @@ import numpy as np
 import pandas as pd
 
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
-from her2_kedro.synthetic.tissue import CoreSpec, encode_jpeg, render_core
+from her2_kedro.synthetic.tissue import (
+    DAB_GAIN_SD,
+    FOCAL_RATE,
+    TUMOUR_FRACTION_RANGE,
+    CoreSpec,
+    encode_jpeg,
+    render_core,
+)
 
 CLASSES: tuple[str, ...] = ("0", "1", "2-", "2+", "3")
 BALANCED_PRIORS: dict[str, float] = {c: 1.0 for c in CLASSES}
@@ -30,6 +45,7 @@ _STATUS = {"0": 0, "1": 0, "2-": 0, "2+": 1, "3": 1}
 COLUMNS: tuple[str, ...] = (
     "filename", "patient_id", "ihc-score", "her2-status", "cohort", "status_cue",
     "tear", "fold", "partial", "blur_sigma", "jpeg_quality",
+    "dab_gain", "tumour_fraction", "focal",
 )
 
 
@@ -52,11 +68,17 @@ def sample_cohort(
     external_fraction: float = 0.0,
     status_cue_strength: float = 0.9,
     artefact_rates: Mapping[str, float] | None = None,
+    dab_gain_sd: float = DAB_GAIN_SD,
+    tumour_fraction_range: tuple[float, float] = TUMOUR_FRACTION_RANGE,
+    focal_rate: float = FOCAL_RATE,
 ) -> pd.DataFrame:
     """Draw a labelled cohort table (one row per core) whose file names carry no label.
 
     ``cores_per_patient`` is a fixed count or an inclusive (min, max) range; a fraction
-    ``external_fraction`` of patients comes from the external centre (other stains).
+    ``external_fraction`` of patients comes from the external centre (other stains). Per core,
+    ``dab_gain`` ~ exp(N(0, ``dab_gain_sd``)) (default 0.3, i.e. CV ~ 31 %; 0 disables it),
+    ``tumour_fraction`` ~ U(``tumour_fraction_range``) (default 0.2-0.9) and ``focal`` ~
+    Bernoulli(``focal_rate``) (default 0.3), all independent of the labels.
     """
     if n_patients < 1:
         raise ValueError("n_patients must be >= 1")
@@ -65,6 +87,9 @@ def sample_cohort(
     lo, hi = (cores_per_patient, cores_per_patient) if isinstance(cores_per_patient, int) else cores_per_patient
     if lo < 1 or hi < lo:
         raise ValueError(f"bad cores_per_patient: {cores_per_patient}")
+    tf_lo, tf_hi = (float(v) for v in tumour_fraction_range)
+    if not dab_gain_sd >= 0 or not 0.0 <= tf_lo <= tf_hi <= 1.0 or not 0.0 <= focal_rate <= 1.0:
+        raise ValueError("need dab_gain_sd >= 0, 0 <= tumour_fraction_range[0] <= [1] <= 1 and focal_rate in [0, 1]")
     rates = dict(DEFAULT_ARTEFACT_RATES)
     if artefact_rates is not None:
         rates.update({k: float(v) for k, v in artefact_rates.items()})
@@ -100,12 +125,26 @@ def sample_cohort(
     order = rng.permutation(len(rows))  # shuffle so row order (and file number) hides the class
     table = pd.DataFrame([rows[j] for j in order])
     table.insert(0, "filename", [f"core_{k:05d}.jpg" for k in range(len(table))])
+    nuisance = np.random.default_rng([int(seed), 1])  # own stream: other columns unchanged
+    table["dab_gain"] = np.exp(nuisance.normal(0.0, float(dab_gain_sd), len(table)))
+    table["tumour_fraction"] = nuisance.uniform(tf_lo, tf_hi, len(table))
+    table["focal"] = nuisance.random(len(table)) < float(focal_rate)
     table = table.astype({"ihc-score": int, "her2-status": int, "jpeg_quality": int, "blur_sigma": float})
     return table.loc[:, list(COLUMNS)]
 
 
+def _optional(row: Mapping[str, object], key: str, cast):
+    """``cast(row[key])``, or None (drawn by the renderer) where the column is absent or NaN."""
+    value = row.get(key)
+    return None if value is None or pd.isna(value) else cast(value)
+
+
 def core_spec_from_row(row: Mapping[str, object], size: int, cell_diameter_px: float) -> CoreSpec:
-    """Build the ``CoreSpec`` of one cohort-table row (external rows get the external stains)."""
+    """Build the ``CoreSpec`` of one cohort-table row (external rows get the external stains).
+
+    Tables without the ``dab_gain`` / ``tumour_fraction`` / ``focal`` columns (older tables) leave
+    those to the renderer, which draws them from the core's generator.
+    """
     return CoreSpec(
         ihc_score=int(row["ihc-score"]),
         her2_status=int(row["her2-status"]),
@@ -117,6 +156,9 @@ def core_spec_from_row(row: Mapping[str, object], size: int, cell_diameter_px: f
         fold=bool(row["fold"]),
         partial=bool(row["partial"]),
         blur_sigma=float(row["blur_sigma"]),
+        dab_gain=_optional(row, "dab_gain", float),
+        tumour_fraction=_optional(row, "tumour_fraction", float),
+        focal=_optional(row, "focal", bool),
     )
 
 

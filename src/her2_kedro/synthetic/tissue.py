@@ -3,18 +3,29 @@
 Model (all lengths scale with ``CoreSpec.cell_diameter_px``):
 - core: a disk of ~93 % of the image side with a slightly wavy rim, on glass (the stain set's
   background colour);
-- architecture: a smooth random field G; glass-clear lumens where G is high, an epithelial
-  (tumour) band around them, stroma elsewhere, so tumour forms tubular glands around lumens and
-  solid nests where a core has no lumens (drawn per core, independent of every label);
+- architecture: a gland-scale random field A plus a core-scale field B (regional tumour content);
+  the tumour region is where A + 0.8 B exceeds a quantile set by the core's tumour fraction (tumour
+  share of the tissue, ``CoreSpec.tumour_fraction``), glass-clear lumens where A is high deep inside
+  it (so an epithelial lining surrounds them), stroma elsewhere; tubular glands around lumens, or
+  solid nests in the ~20 % of cores without lumens (drawn per core, independent of every label);
 - cells: a Voronoi tessellation of jittered-grid seeds; tumour cells get membranes (the Voronoi
   edges), pale cytoplasm and an oval haematoxylin nucleus with chromatin texture; stromal seeds
   get sparse spindle fibroblast nuclei and a few small dark lymphocytes; stroma is pale
   haematoxylin with a wavy fibre texture;
-- DAB (gastric HER2 criteria, Hofmann/Rüschoff): score 0 -- faint partial membranes in < 10 % of
-  tumour cells; 1 -- faint, barely perceptible, *partial* membranes (a patchy mask removes part
-  of each membrane) in 40-85 %; 2 -- weak-moderate complete membranes in 45-90 %; 3 -- strong,
-  thicker complete membranes in 65-100 % plus a cytoplasmic blush. Per-cell intensity is
-  log-normal and modulated by a regional field (heterogeneity).
+- DAB, per tumour cell, by staining category (gastric HER2 criteria, Hofmann/Rueschoff, >= 10 %
+  of tumour cells): faint partial membranes (a patchy mask removes part of each membrane);
+  weak-moderate complete; strong, thicker complete plus a cytoplasmic blush; and moderate but
+  fragmented (partial) membranes, which a pathologist scores 1. A score fixes the category
+  fractions (``_composition``): 0 -- < 10 % faint partial; 1 -- 15-80 % faint partial, up to 20 %
+  fragmented moderate, < 5 % complete; 2 -- 10-90 % weak-moderate complete (10-40 % in 40 % of
+  cores), < 5 % strong; 3 -- 10-100 % strong (10-40 % in 35 % of cores) plus weak-moderate ones.
+  Categories are handed out at random (diffuse) or down a smooth field so the most stained cells
+  form a patch (focal, ``CoreSpec.focal``). Per-cell intensity is log-normal, per-core intensity
+  within a category varies ~12 %, a regional field modulates it, and a per-core DAB gain
+  (``CoreSpec.dab_gain``: staining run, section thickness; log-normal, median 1, log-sd 0.3)
+  scales it all. So the score is defined by the staining pattern while the paper's max-mean-DAB
+  overlaps between neighbouring scores, as on real cores; fields left None in the spec are drawn
+  from the core's generator (defaults ``DAB_GAIN_SD``, ``TUMOUR_FRACTION_RANGE``, ``FOCAL_RATE``).
 
 HER2-status cue (``CoreSpec.status_cue``), a stated property of this benchmark, never a claim
 about real tissue: tumour nuclei show atypia -- mean nuclear area x1.5 (both semi-axes x1.22),
@@ -43,14 +54,45 @@ from her2_kedro.synthetic.optics import INTERNAL_STAINS, StainSet, render_optica
 
 _STRIP_ROWS = 384
 
-# Per-score DAB model: (stained fraction range, membrane concentration, cytoplasm fraction of it,
-# membrane width factor, partial membranes).
-_DAB_MODEL: dict[int, tuple[tuple[float, float], float, float, float, bool]] = {
-    0: ((0.0, 0.06), 0.08, 0.0, 1.0, True),
-    1: ((0.40, 0.85), 0.34, 0.05, 1.0, True),
-    2: ((0.45, 0.90), 0.70, 0.12, 1.1, False),
-    3: ((0.65, 1.00), 1.30, 0.30, 1.5, False),
+# Staining categories of a tumour cell: membrane DAB concentration (median), its per-cell log-sd,
+# cytoplasmic blush (fraction of the membrane concentration), membrane width factor, partial
+# membranes (a patchy mask removes part of each membrane).
+_CATEGORY: dict[int, tuple[float, float, float, float, bool]] = {
+    1: (0.30, 0.30, 0.04, 1.0, True),  # faint, barely perceptible, partial
+    2: (0.62, 0.25, 0.10, 1.1, False),  # weak to moderate, complete
+    3: (1.30, 0.22, 0.30, 1.5, False),  # strong, complete
+    4: (0.62, 0.25, 0.04, 1.1, True),  # moderate but incomplete (fragmented): scored 1
 }
+#: Categories in the order they are handed out (highest first, the focus of a focal core).
+_CATEGORY_ORDER = (3, 2, 4, 1)
+
+#: Defaults of the per-core nuisance draws used when a ``CoreSpec`` field is None.
+DAB_GAIN_SD = 0.3  # log-normal sd of the staining-run / section-thickness DAB gain (median 1)
+TUMOUR_FRACTION_RANGE = (0.2, 0.9)  # uniform range of the tumour share of the core's tissue
+FOCAL_RATE = 0.3  # probability that the stained cells are clustered in a patch
+_BIG_WEIGHT = 0.8  # weight of the core-scale field in the architecture (regional tumour content)
+_LUMEN_DEPTH = 0.5  # lumens only this far (in field units) inside the tumour region
+
+
+def _composition(score: int, rng: np.random.Generator) -> dict[int, float]:
+    """Fractions of tumour cells in each staining category for a core of this IHC score.
+
+    Gastric criteria (Hofmann/Ruschoff, >= 10 % of tumour cells): 0 -- < 10 % faint partial;
+    1 -- >= 10 % faint partial (some fragmented moderate membranes), < 10 % complete; 2 -- >= 10 %
+    weak-moderate complete, < 10 % strong; 3 -- >= 10 % strong complete. Always 4 draws.
+    """
+    u = rng.random(4)
+    if score == 0:
+        return {1: 0.08 * u[0]}
+    if score == 1:
+        return {2: 0.05 * u[0], 4: 0.20 * u[1], 1: 0.15 + 0.65 * u[2]}
+    if score == 2:
+        f2 = 0.10 + 0.30 * u[0] if u[3] < 0.4 else 0.40 + 0.50 * u[0]
+        f3 = 0.05 * u[1]
+        return {3: f3, 2: f2, 1: 0.6 * u[2] * (1.0 - f2 - f3)}
+    f3 = 0.10 + 0.30 * u[0] if u[3] < 0.35 else 0.40 + 0.60 * u[0]
+    f2 = 0.7 * u[1] * (1.0 - f3)
+    return {3: f3, 2: f2, 1: 0.5 * u[2] * (1.0 - f3 - f2)}
 
 
 @dataclass(frozen=True)
@@ -67,6 +109,9 @@ class CoreSpec:
     fold: bool = False
     partial: bool = False
     blur_sigma: float = 0.0
+    dab_gain: float | None = None
+    tumour_fraction: float | None = None
+    focal: bool | None = None
 
 
 class _Field:
@@ -120,6 +165,7 @@ class _Plan:
     centre: float
     radius: float
     f_arch: _Field
+    f_big: _Field
     f_rim: _Field
     f_low: _Field
     f_mid: _Field
@@ -140,42 +186,80 @@ class _Plan:
     nox: np.ndarray
     nh: np.ndarray
     nirr: np.ndarray
-    dab: np.ndarray
-    mem_width: float
-    cyto_frac: float
-    partial_membranes: bool
+    category: np.ndarray  # staining category of each cell (0 none, see _CATEGORY)
+    dab: np.ndarray  # membrane DAB concentration of each cell (gain included)
+    cyto: np.ndarray  # cytoplasmic DAB concentration of each cell
+    width: np.ndarray  # membrane width of each cell (px)
+    partial_mem: np.ndarray  # 1.0 where a cell's membrane is partial (patchy), else 0.0
+    any_partial: bool
+    dab_gain: float
+    tumour_fraction: float
+    focal: bool
     cuts: list[tuple[str, tuple[float, ...]]]
 
 
 def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
-    """Draw every random quantity of a core (fields, seeds, per-cell parameters, artefacts)."""
-    if spec.ihc_score not in _DAB_MODEL:
+    """Draw every random quantity of a core (fields, seeds, per-cell parameters, artefacts).
+
+    The per-core nuisances (DAB gain, tumour fraction, focal staining) are always drawn, then
+    replaced by the spec's value where one is given, so a spec that fixes them renders the same
+    tissue as one that does not.
+    """
+    if spec.ihc_score not in (0, 1, 2, 3):
         raise ValueError(f"ihc_score must be 0..3, got {spec.ihc_score}")
     size, d = int(spec.size), float(spec.cell_diameter_px)
     if size < 32 or d < 4:
         raise ValueError("size must be >= 32 px and cell_diameter_px >= 4")
+    if spec.dab_gain is not None and not spec.dab_gain >= 0:
+        raise ValueError(f"dab_gain must be >= 0, got {spec.dab_gain}")
+    if spec.tumour_fraction is not None and not 0.0 <= spec.tumour_fraction <= 1.0:
+        raise ValueError(f"tumour_fraction must lie in [0, 1], got {spec.tumour_fraction}")
     centre = size / 2.0
     radius = size * rng.uniform(0.455, 0.475)
     f_arch = _Field(rng, size, d * rng.uniform(2.2, 3.2))
+    f_big = _Field(rng, size, d * 9.0)
     f_rim = _Field(rng, size, size * 0.08)
     f_low = _Field(rng, size, d * 4.0)
     f_mid = _Field(rng, size, d * 0.18)
     f_fine = _Field(rng, size, max(1.0, d * 0.07))
     f_patch = _Field(rng, size, d * 0.35)
     f_warp = _Field(rng, size, d * 2.5)
-    # Architecture thresholds on the (unit-variance) field: stroma < t_epi < epithelium < t_lumen.
-    t_epi = float(rng.uniform(-0.9, 0.1))
-    t_lumen = float(t_epi + rng.uniform(1.0, 1.5)) if rng.random() < 0.8 else 9.0
+    f_focus = _Field(rng, size, d * 5.0)
+
+    # Per-core nuisances (independent of every label).
+    gain = float(np.exp(rng.normal(0.0, DAB_GAIN_SD)))
+    tumour_fraction = float(rng.uniform(*TUMOUR_FRACTION_RANGE))
+    focal = bool(rng.random() < FOCAL_RATE)
+    lumen_ratio = float(rng.uniform(0.1, 0.4)) if rng.random() < 0.8 else 0.0  # lumen / epithelium area
+    gain = gain if spec.dab_gain is None else float(spec.dab_gain)
+    tumour_fraction = tumour_fraction if spec.tumour_fraction is None else float(spec.tumour_fraction)
+    focal = focal if spec.focal is None else bool(spec.focal)
 
     ny = int(np.ceil(size / d)) + 2
     gy, gx = np.meshgrid(np.arange(ny) - 1 + 0.5, np.arange(ny) - 1 + 0.5, indexing="ij")
     sy = ((gy + rng.uniform(-0.32, 0.32, gy.shape)) * d).astype(np.float32)
     sx = ((gx + rng.uniform(-0.32, 0.32, gx.shape)) * d).astype(np.float32)
-    g_seed = f_arch.at(sy.ravel(), sx.ravel())
+    sy_f, sx_f = sy.ravel(), sx.ravel()
+    a_seed = f_arch.at(sy_f, sx_f)
+    g_seed = a_seed + _BIG_WEIGHT * f_big.at(sy_f, sx_f)
+    inside = (sy_f - centre) ** 2 + (sx_f - centre) ** 2 < radius**2
+    # Architecture from quantiles over the core's seeds: the tumour region (epithelium E plus
+    # lumens L = lumen_ratio * E of the disk, E / (1 - L) = tumour fraction) is where the combined
+    # field g exceeds t_epi; lumens are where the gland-scale field a exceeds t_lumen deep inside
+    # it (g > t_epi + _LUMEN_DEPTH), so an epithelial lining always surrounds them.
+    epi_share = tumour_fraction / (1.0 + lumen_ratio * tumour_fraction)
+    lumen_share = lumen_ratio * epi_share
+    sel = inside if inside.any() else np.ones_like(inside)
+    g_in = g_seed[sel]
+    t_epi = float(np.quantile(g_in, 1.0 - lumen_share - epi_share)) if epi_share > 0 else 9.0
+    deep = a_seed[sel][g_in > t_epi + _LUMEN_DEPTH]
+    k_lumen = min(int(round(lumen_share * g_in.size)), int(0.35 * deep.size))  # at most 35 % of the deep part
+    t_lumen = float(np.sort(deep)[-k_lumen]) if k_lumen > 0 else 9.0
+    in_lumen = (a_seed >= t_lumen) & (g_seed > t_epi + _LUMEN_DEPTH)
     n = g_seed.size
     u = rng.random(n)
     kind = np.where(
-        (g_seed > t_epi) & (g_seed < t_lumen),
+        (g_seed > t_epi) & ~in_lumen,
         1,
         np.where(g_seed <= t_epi, np.where(u < 0.28, 2, np.where(u < 0.34, 3, 0)), 0),
     ).astype(np.int8)
@@ -194,10 +278,28 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     off = 0.06 * d
     noy, nox = rng.uniform(-off, off, n), rng.uniform(-off, off, n)
 
-    frac_range, conc, cyto_frac, width_k, partial_mem = _DAB_MODEL[spec.ihc_score]
-    frac = rng.uniform(*frac_range)
-    stained = rng.random(n) < frac
-    dab = np.where((kind == 1) & stained, conc * np.exp(rng.normal(0.0, 0.22, n)), 0.0)
+    # Staining: category fractions of the score, handed out highest first along a random order
+    # (diffuse) or down a smooth field (focal: the most stained cells form a patch).
+    fractions = _composition(spec.ihc_score, rng)
+    key_diffuse = rng.random(n)
+    key_focal = f_focus.at(sy_f, sx_f) + 0.35 * rng.standard_normal(n)
+    cell_noise = rng.standard_normal(n)
+    core_k = np.exp(rng.normal(0.0, 0.12, 5))  # per-core intensity within each category
+    tumour = np.flatnonzero((kind == 1) & inside)
+    key = key_focal if focal else key_diffuse
+    order = tumour[np.argsort(-key[tumour], kind="stable")]
+    category = np.zeros(n, np.int8)
+    start = 0
+    for cat in _CATEGORY_ORDER:
+        k = int(round(fractions.get(cat, 0.0) * tumour.size))
+        category[order[start:start + k]] = cat
+        start += k
+    med, sd, cyto_k, width_k, partial_k = (np.zeros(5) for _ in range(5))
+    for cat, (m, s_, c, w, pm) in _CATEGORY.items():
+        med[cat], sd[cat], cyto_k[cat], width_k[cat], partial_k[cat] = m * core_k[cat], s_, c, w, float(pm)
+    width_k[0] = 1.0
+    dab = gain * med[category] * np.exp(sd[category] * cell_noise)
+    partial_mem = partial_k[category]
 
     cuts: list[tuple[str, tuple[float, ...]]] = []
     if spec.partial:
@@ -217,12 +319,15 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     f32 = np.float32
     return _Plan(
         size=size, d=d, centre=centre, radius=radius,
-        f_arch=f_arch, f_rim=f_rim, f_low=f_low, f_mid=f_mid, f_fine=f_fine, f_patch=f_patch, f_warp=f_warp,
+        f_arch=f_arch, f_big=f_big, f_rim=f_rim, f_low=f_low, f_mid=f_mid, f_fine=f_fine, f_patch=f_patch, f_warp=f_warp,
         t_epi=t_epi, t_lumen=t_lumen, fibre_angle=fibre_angle,
         sy=sy, sx=sx, kind=kind,
         na=na.astype(f32), nb=nb.astype(f32), ncos=np.cos(theta).astype(f32), nsin=np.sin(theta).astype(f32),
-        noy=noy.astype(f32), nox=nox.astype(f32), nh=nh.astype(f32), nirr=nirr.astype(f32), dab=dab.astype(f32),
-        mem_width=max(0.7, 0.05 * d) * width_k, cyto_frac=cyto_frac, partial_membranes=partial_mem, cuts=cuts,
+        noy=noy.astype(f32), nox=nox.astype(f32), nh=nh.astype(f32), nirr=nirr.astype(f32),
+        category=category, dab=dab.astype(f32), cyto=(dab * cyto_k[category]).astype(f32),
+        width=(max(0.7, 0.05 * d) * width_k[category]).astype(f32), partial_mem=partial_mem.astype(f32),
+        any_partial=bool(partial_mem.any()), dab_gain=gain, tumour_fraction=tumour_fraction, focal=focal,
+        cuts=cuts,
     )
 
 
@@ -258,8 +363,11 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
             fold = _smoothstep(np.float32(a[3]) - np.abs(s), 0.0, 2.0)
 
     # Architecture.
-    g = p.f_arch.rows(y0, y1, w)
-    lumen = _smoothstep(g, p.t_lumen - 0.02, p.t_lumen + 0.02)
+    a = p.f_arch.rows(y0, y1, w)
+    g = a + np.float32(_BIG_WEIGHT) * p.f_big.rows(y0, y1, w)
+    lumen = _smoothstep(a, p.t_lumen - 0.02, p.t_lumen + 0.02)
+    lumen *= _smoothstep(g, p.t_epi + _LUMEN_DEPTH - 0.02, p.t_epi + _LUMEN_DEPTH + 0.02)
+    del a
     epi = _smoothstep(g, p.t_epi - 0.02, p.t_epi + 0.02) * (1.0 - lumen)
     stroma = 1.0 - epi - lumen
     del g
@@ -312,17 +420,17 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
     del phase
     stroma_h = (0.14 + 0.025 * low) * (0.8 + 0.3 * fib + 0.1 * fine)
 
-    # Membranes and DAB.
-    mw = np.float32(p.mem_width)
-    mem = np.exp(-((md / mw) ** 2)) * epi
+    # Membranes and DAB (per-cell concentration, width and partial mask).
+    mem = np.exp(-((md / p.width[lab]) ** 2)) * epi
     del md
-    cell_dab = p.dab[lab]
-    if p.partial_membranes:
-        mem_dab = mem * _smoothstep(p.f_patch.rows(y0, y1, w), 0.1, 0.5)
+    if p.any_partial:
+        patchy = _smoothstep(p.f_patch.rows(y0, y1, w), 0.1, 0.5)
+        mem_dab = mem * (1.0 - p.partial_mem[lab] * (1.0 - patchy))
+        del patchy
     else:
         mem_dab = mem
     region = np.clip(1.0 + 0.18 * low, 0.6, 1.4)
-    dab = cell_dab * region * (mem_dab + np.float32(p.cyto_frac) * epi * (0.85 + 0.15 * fine))
+    dab = region * (p.dab[lab] * mem_dab + p.cyto[lab] * epi * (0.85 + 0.15 * fine))
     cyto_h = epi * (0.11 + 0.02 * fine)
     h_conc = stroma * stroma_h + cyto_h + 0.10 * mem + nuc_h + lumen * 0.008 * (1.0 + 0.3 * fine)
     h_conc = h_conc * core

@@ -13,10 +13,9 @@ import pandas as pd
 
 from her2_kedro.datasets import SyntheticCohort
 from her2_kedro.params import SyntheticParams
-from her2_kedro.synthetic.cohort import render_cohort, sample_cohort
-from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
+from her2_kedro.synthetic.cohort import core_spec_from_row, render_cohort, sample_cohort
 from her2_kedro.synthetic.slide import SlideSpec, slide_layout, write_synthetic_slide
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
+from her2_kedro.synthetic.tissue import render_core
 
 LABEL_COLUMNS = ["filename", "ihc-score", "her2-status", "patient_id", "cohort"]
 SLIDE_MAP_COLUMNS = ["slide", "core", "ihc-score", "her2-status", "patient_id", "cohort"]
@@ -114,15 +113,8 @@ def _slide_writer(p: SyntheticParams, plan: pd.DataFrame, index: int):
     core_size = int(round(s.core_diameter_px / 0.93))
 
     def core_image(label: str) -> np.ndarray:
-        row = plan.set_index("core").loc[label]
-        spec = CoreSpec(
-            ihc_score=int(row["ihc-score"]),
-            her2_status=int(row["her2-status"]),
-            status_cue=bool(row["status_cue"]),
-            size=core_size,
-            cell_diameter_px=p.cell_diameter_px,
-            stains=EXTERNAL_STAINS if row["cohort"] == "external" else INTERNAL_STAINS,
-        )
+        row = plan.set_index("core").loc[label].to_dict()
+        spec = core_spec_from_row(row, size=core_size, cell_diameter_px=p.cell_diameter_px)
         return render_core(spec, np.random.default_rng([p.seed, 2000 + index, zlib.crc32(label.encode())]))
 
     def write(path: Path) -> None:
