@@ -27,19 +27,60 @@ class Disk:
     r: float
     colour: tuple[int, int, int]
     label: str = ""  # "" for debris / unlabelled blobs
+    noise: float | None = None  # texture amplitude; None: the scene's
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        return self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r
+
+    def inside(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        return (px - self.cx) ** 2 + (py - self.cy) ** 2 <= self.r**2
+
+
+@dataclass(frozen=True)
+class Band:
+    """A thick segment (capsule) from (x0, y0) to (x1, y1), painted over what is below it.
+
+    With the glass colour and ``noise=0`` it carves glass into cores: lumens that open onto the
+    glass, tears, a chord cut off a torn rim.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    half_width: float
+    colour: tuple[int, int, int] = BACKGROUND
+    noise: float | None = 0.0
+    label: str = ""
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        w = self.half_width
+        return (
+            min(self.x0, self.x1) - w,
+            min(self.y0, self.y1) - w,
+            max(self.x0, self.x1) + w,
+            max(self.y0, self.y1) + w,
+        )
+
+    def inside(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        dx, dy = self.x1 - self.x0, self.y1 - self.y0
+        t = np.clip(
+            ((px - self.x0) * dx + (py - self.y0) * dy) / max(dx * dx + dy * dy, 1e-12), 0.0, 1.0
+        )
+        return (px - self.x0 - t * dx) ** 2 + (py - self.y0 - t * dy) ** 2 <= self.half_width**2
 
 
 @dataclass
 class Scene:
     width: int
     height: int
-    disks: list[Disk] = field(default_factory=list)
+    disks: list[Disk | Band] = field(default_factory=list)  # painted in order
     noise: float = 18.0
     seed: int = 0
 
     @property
     def cores(self) -> dict[str, Disk]:
-        return {d.label: d for d in self.disks if d.label}
+        return {d.label: d for d in self.disks if d.label and isinstance(d, Disk)}
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -137,23 +178,24 @@ def render(scene: Scene, x: int, y: int, w: int, h: int, ds: float = 1.0) -> np.
     out[:] = BACKGROUND
     x0, y0, x1, y1 = x * ds, y * ds, (x + w) * ds, (y + h) * ds
     for d in scene.disks:
-        if d.cx + d.r < x0 or d.cx - d.r > x1 or d.cy + d.r < y0 or d.cy - d.r > y1:
+        bx0, by0, bx1, by1 = d.bbox()
+        if bx1 < x0 or bx0 > x1 or by1 < y0 or by0 > y1:
             continue
-        # level pixel range covering the disk
-        c0 = max(0, int((d.cx - d.r) / ds) - x)
-        c1 = min(w, int((d.cx + d.r) / ds) - x + 2)
-        r0 = max(0, int((d.cy - d.r) / ds) - y)
-        r1 = min(h, int((d.cy + d.r) / ds) - y + 2)
+        # level pixel range covering the shape
+        c0 = max(0, int(bx0 / ds) - x)
+        c1 = min(w, int(bx1 / ds) - x + 2)
+        r0 = max(0, int(by0 / ds) - y)
+        r1 = min(h, int(by1 / ds) - y + 2)
         if c1 <= c0 or r1 <= r0:
             continue
         px = (np.arange(c0, c1) + x + 0.5) * ds
         py = (np.arange(r0, r1) + y + 0.5) * ds
-        inside = (px[None, :] - d.cx) ** 2 + (py[:, None] - d.cy) ** 2 <= d.r**2
+        inside = d.inside(px[None, :], py[:, None])
         if not inside.any():
             continue
         gx, gy = np.meshgrid(np.arange(c0, c1) + x, np.arange(r0, r1) + y)
         tex = _pixel_noise(gx[inside], gy[inside], scene.seed + int(ds * 1000))[:, None]
-        tex = tex * scene.noise  # brightness texture, deterministic per pixel
+        tex = tex * (scene.noise if d.noise is None else d.noise)  # brightness texture, per pixel
         col = np.clip(np.asarray(d.colour, np.float32)[None, :] + tex, 0, 255).astype(np.uint8)
         sub = out[r0:r1, c0:c1]
         sub[inside] = col
@@ -220,3 +262,40 @@ def write_plain(scene: Scene, path: Path, quality: int = 92) -> None:
         img.save(path, quality=quality)
     else:
         img.save(path)
+
+
+def glass_cross(
+    scene: Scene, label: str, width: float = 0.22, angle_deg: float = 20.0, lumen: float = 0.0
+) -> None:
+    """Break core ``label`` into four pieces with two crossing glass bands (lumens opening onto
+    the glass), each band ``width`` x the diameter wide and running past the rim; ``lumen`` > 0
+    also clears a central glass disk of that fraction of the diameter."""
+    d = scene.cores[label]
+    hw = width * d.r
+    for a in (angle_deg, angle_deg + 90.0):
+        ca, sa = math.cos(math.radians(a)), math.sin(math.radians(a))
+        L = 1.3 * d.r
+        scene.disks.append(Band(d.cx - L * ca, d.cy - L * sa, d.cx + L * ca, d.cy + L * sa, hw))
+    if lumen > 0:
+        scene.disks.append(Disk(d.cx, d.cy, lumen * d.r, BACKGROUND, "", noise=0.0))
+
+
+def glass_chord(scene: Scene, label: str, offset: float = 0.3, angle_deg: float = 0.0) -> None:
+    """Cut off the part of core ``label`` beyond a chord ``offset`` x the radius from its centre,
+    in direction ``angle_deg`` (a torn rim); the core's centre stays the punch centre."""
+    d = scene.cores[label]
+    ca, sa = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    hw = 0.5 * d.r  # band from the chord outwards, longer than the chord
+    mx, my = d.cx + (offset * d.r + hw) * ca, d.cy + (offset * d.r + hw) * sa
+    L = 1.2 * d.r
+    scene.disks.append(Band(mx + L * sa, my - L * ca, mx - L * sa, my + L * ca, hw))
+
+
+def make_pale(
+    scene: Scene, label: str, colour: tuple[int, int, int] = (226, 226, 233), noise: float = 2.0
+) -> None:
+    """Repaint core ``label`` in a faint colour just below the glass (a pale, score-0 core),
+    above the dearrayer's default grey threshold of 220."""
+    i = next(k for k, d in enumerate(scene.disks) if isinstance(d, Disk) and d.label == label)
+    d = scene.disks[i]
+    scene.disks[i] = Disk(d.cx, d.cy, d.r, colour, label, noise=noise)

@@ -224,3 +224,101 @@ def test_detect_cores_estimates_diameter_despite_debris() -> None:
     assert cand.diameter_px == pytest.approx(100, rel=0.1)
     assert len(cand.xy) == 12
     assert len(cand.rejected) == 30
+
+
+# --------------------------------------------------------------------------- failure modes
+# Each of these lost or mislabelled cores before dearray_slide checked every grid node on the
+# thumbnail's tissue mask (see the module docstring of her2_kedro.dearray).
+
+
+def test_core_broken_by_lumens_is_one_core(tmp_path: Path) -> None:
+    # lumens opening onto the glass cut B-3 and C-5 into pieces each below min_area_fraction
+    sc = sf.make_tma(4, 5, rotation_deg=2.0, jitter=3, seed=20)
+    sf.glass_cross(sc, "B-3", lumen=0.35)
+    sf.glass_cross(sc, "C-5", width=0.26, angle_deg=-10)
+    res = _dearray(tmp_path, sc)
+    _assert_all_correct(res, sc, tol=6.0)
+    assert res.missing == []
+    assert res.rejected == []  # the pieces are merged into their core, not reported as debris
+
+
+def test_pale_core_above_grey_threshold_is_found(tmp_path: Path) -> None:
+    sc = sf.make_tma(4, 5, jitter=3, missing={"A-4"}, debris=4, debris_radius=5, seed=21)
+    sf.make_pale(sc, "C-2")
+    res = _dearray(tmp_path, sc)
+    _assert_all_correct(res, sc)
+    assert res.missing == ["A-4"]
+    assert [r[0] for r in res.rejected] == ["debris"] * 4
+
+
+def test_torn_rim_core_centred_on_its_punch(tmp_path: Path) -> None:
+    # a chord cut off the rim moves the blob centroid by 0.2-0.27 r (11-15 px here); the centre
+    # must stay within a thumbnail pixel or two (6 px at this downsample) of the punch centre
+    sc = sf.make_tma(4, 5, rotation_deg=-3.0, jitter=3, seed=22)
+    sf.glass_chord(sc, "B-2", offset=0.3, angle_deg=0)
+    sf.glass_chord(sc, "C-4", offset=0.35, angle_deg=125)
+    res = _dearray(tmp_path, sc)
+    _assert_all_correct(res, sc, tol=8.0)
+    got = res.by_label()
+    for lab in ("B-2", "C-4"):
+        assert math.hypot(got[lab].cx - sc.cores[lab].cx, got[lab].cy - sc.cores[lab].cy) < 6.0, lab
+
+
+def test_touching_pair_with_lumens_both_found(tmp_path: Path) -> None:
+    sc = sf.make_tma(4, 6, rotation_deg=3.0, touching=("B-2", "B-3"), seed=23)
+    sf.glass_cross(sc, "B-3", width=0.2, lumen=0.3)
+    res = _dearray(tmp_path, sc)
+    _assert_all_correct(res, sc, tol=8.0)
+    assert res.missing == [] and res.rejected == []
+
+
+@pytest.mark.parametrize("edge", ["row", "column"])
+def test_edge_line_of_broken_cores_keeps_labels(tmp_path: Path, edge: str) -> None:
+    # every core of the first row (column) breaks into debris-sized pieces: the inferred grid
+    # must still start there, or every label shifts by one
+    sc = sf.make_tma(4, 5, rotation_deg=1.5, jitter=2, seed=24)
+    line = [f"A-{j}" for j in range(1, 6)] if edge == "row" else [f"{r}-1" for r in "ABCD"]
+    for k, lab in enumerate(line):
+        sf.glass_cross(sc, lab, width=0.24, angle_deg=15.0 * k)
+    res = _dearray(tmp_path, sc)
+    _assert_all_correct(res, sc, tol=6.0)
+    assert (res.n_rows, res.n_cols) == (4, 5)
+    assert res.missing == [] and res.rejected == []
+
+
+@pytest.mark.parametrize("seed", [57, 69])
+def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) -> None:
+    """The project's slide writer, small cores: a touching pair with lumens merged into one
+    off-grid blob and both cores were lost (seeds found by search)."""
+    from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
+    from her2_kedro.synthetic.tissue import CoreSpec, render_core
+
+    rng = np.random.default_rng(seed)
+    d = 120
+    labels = [core_label(r, c) for r in range(4) for c in range(5)]
+    spec = SlideSpec(
+        n_rows=4, n_cols=5, core_diameter_px=d, pitch_px=int(d * rng.uniform(1.15, 1.35)),
+        rotation_deg=float(rng.uniform(-4, 4)), jitter_px=3.0,
+        missing=tuple(rng.choice(labels, 2, replace=False)), n_debris=4, n_touching=1,
+        margin_px=64, tile_size=256,
+    )  # fmt: skip
+    scores = rng.integers(0, 4, size=len(labels))
+
+    def core(label: str) -> np.ndarray:
+        k = labels.index(label)
+        cs = CoreSpec(
+            ihc_score=int(scores[k]), her2_status=0, status_cue=False, size=129, cell_diameter_px=6
+        )
+        return render_core(cs, np.random.default_rng([seed, k]))
+
+    path = tmp_path / "real.tif"
+    layout = write_synthetic_slide(path, spec, core, np.random.default_rng([seed, 1]))
+    truth = layout[layout["present"]].set_index("core")
+    with open_slide(path) as r:
+        res = dearray_slide(r, DearrayParams(thumbnail_max_side=600))
+    assert sorted(c.label for c in res.cores) == sorted(truth.index)
+    for c in res.cores:
+        err = math.hypot(c.cx - truth.loc[c.label, "cx"], c.cy - truth.loc[c.label, "cy"])
+        assert err < 0.1 * d, c.label
+    assert sorted(res.missing) == sorted(spec.missing)
+    assert {r[0] for r in res.rejected} <= {"debris"}

@@ -10,6 +10,15 @@ indices are ``round(offset / pitch)`` from the first occupied row/column, so mis
 and even whole missing interior rows/columns, keep the labels of the others right.
 ``rotation_deg`` is the angle of the grid's row direction from the image x axis, measured
 towards +y (clockwise on screen), folded into (-45, 45].
+
+Pipeline (``dearray_slide``): blobs of the thumbnail's tissue mask (``detect_cores``) give the
+grid's rotation, pitches and labels (``fit_grid``); then every node of that grid is checked on
+a second, fainter tissue mask with a core-sized matched filter, which finds cores that blob
+detection lost or mis-centred -- a touching pair merged into one off-grid blob, a core cut by
+lumens that open onto the glass into pieces each below ``min_area_fraction``, a pale core above
+``background_grey`` -- centres each core on its punch (not on the centroid of a torn rim), folds
+the pieces of a core back into it instead of reporting them as debris, and extends an inferred
+grid by an edge row/column whose cores were all lost.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
 from skimage.morphology import disk
@@ -98,6 +108,10 @@ class CoreCandidates:
     area: np.ndarray  # (N,) level-0 px^2
     diameter_px: float
     rejected: list[tuple[str, float, float]] = field(default_factory=list)
+    # thumbnail-resolution mask of tissue down to faint, glass-like staining (pale cores,
+    # lumens), used to confirm and centre cores on the fitted grid; None if not computed
+    tissue: np.ndarray | None = None
+    downsample: float = 1.0
 
 
 # --------------------------------------------------------------------------- labels
@@ -160,6 +174,27 @@ def _split_blob(crop: np.ndarray, d_t: float) -> list[np.ndarray]:
     return [ws == k for k in range(1, len(peaks) + 1) if np.any(ws == k)]
 
 
+def _faint_tissue_mask(g: np.ndarray, params: DearrayParams, se: np.ndarray) -> np.ndarray:
+    """Tissue down to just below the glass level: pale (score 0) stroma and lumens included.
+
+    The glass level is the mode of the grey values brighter than ``background_grey`` and the
+    threshold sits a few noise widths below it (never below ``background_grey``), so faint
+    tissue that the fixed threshold misses still counts when a grid node is checked.
+    """
+    bright = g[g > params.background_grey]
+    thr = float(params.background_grey)
+    if bright.size >= 0.05 * g.size:
+        hist, edges = np.histogram(bright, bins=np.arange(params.background_grey, 256.5, 0.5))
+        glass = float(edges[int(np.argmax(hist))] + 0.25)
+        upper = bright[bright >= glass]
+        sigma = 1.4826 * float(np.median(upper - glass)) if upper.size else 0.0
+        thr = max(thr, glass - max(4.0, 6.0 * sigma))
+    tissue = g <= thr
+    tissue = ndi.binary_opening(tissue, structure=se)
+    tissue = ndi.binary_closing(tissue, structure=se, border_value=0)
+    return ndi.binary_fill_holes(tissue)
+
+
 def detect_cores(thumb_rgb: np.ndarray, params: DearrayParams, downsample: float) -> CoreCandidates:
     """Find core-like blobs on a thumbnail: tissue mask, holes filled, touching cores split.
 
@@ -175,10 +210,16 @@ def detect_cores(thumb_rgb: np.ndarray, params: DearrayParams, downsample: float
     mask = ndi.binary_opening(mask, structure=se)
     mask = ndi.binary_closing(mask, structure=se, border_value=0)
     mask = ndi.binary_fill_holes(mask)
+    tissue = _faint_tissue_mask(g, params, se)
     lab, n = ndi.label(mask)
     if n == 0:
         return CoreCandidates(
-            np.zeros((0, 2)), np.zeros(0), float(params.core_diameter_px or 0.0), []
+            np.zeros((0, 2)),
+            np.zeros(0),
+            float(params.core_diameter_px or 0.0),
+            [],
+            tissue,
+            downsample,
         )
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     if d_t is None:
@@ -218,6 +259,8 @@ def detect_cores(thumb_rgb: np.ndarray, params: DearrayParams, downsample: float
         np.asarray(area_out, dtype=np.float64),
         float(d_t * downsample),
         rejected,
+        tissue,
+        float(downsample),
     )
 
 
@@ -420,15 +463,167 @@ def fit_grid(
     )
 
 
+# --------------------------------------------------------------------------- grid refinement
+class _NodeProbe:
+    """Best core-sized disk near a grid node on the tissue mask (a matched filter).
+
+    The score of a disk position is the tissue fraction inside the disk minus half the tissue
+    fraction of a thin ring just outside it, so it peaks where a core of the fitted diameter
+    sits, however its inside is broken up by lumens or tears, and a touching neighbour (outside
+    the disk) hardly pulls it. The score map is one FFT convolution of the thumbnail-sized mask
+    (float32); positions are searched within ``radius`` of a node.
+    """
+
+    def __init__(self, tissue: np.ndarray, d_t: float, radius: float) -> None:
+        self.tissue = tissue
+        r_in = d_t / 2.0
+        ring = max(1.5, 0.12 * d_t)
+        half = int(math.ceil(r_in + ring))
+        yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+        rr = np.hypot(yy, xx)
+        inner = rr <= r_in
+        outer = (rr > r_in) & (rr <= r_in + ring)
+        kernel = inner / inner.sum() - 0.5 * outer / outer.sum()
+        self.score = fftconvolve(tissue.astype(np.float32), kernel.astype(np.float32), mode="same")
+        self.disk = inner
+        self.half = half
+        self.radius = float(radius)
+        self.eps = 1.0 / (math.pi * max(r_in, 1.0))  # about a one-pixel step of the score
+
+    def fraction(self, r: int, c: int) -> float:
+        """Tissue fraction of the core-sized disk centred on thumbnail pixel (r, c)."""
+        h, w = self.tissue.shape
+        k = self.half
+        ys, ye, xs, xe = max(0, r - k), min(h, r + k + 1), max(0, c - k), min(w, c + k + 1)
+        if ys >= ye or xs >= xe:
+            return 0.0
+        sub = self.tissue[ys:ye, xs:xe]
+        dsk = self.disk[ys - (r - k) : ye - (r - k), xs - (c - k) : xe - (c - k)]
+        return float(np.count_nonzero(sub & dsk)) / float(self.disk.sum())
+
+    def __call__(self, rc: tuple[float, float]) -> tuple[float, float, float] | None:
+        """(tissue fraction, row, col) of the best disk near thumbnail position rc, or None."""
+        h, w = self.tissue.shape
+        rad = self.radius
+        ys, ye = max(0, int(math.floor(rc[0] - rad))), min(h, int(math.ceil(rc[0] + rad)) + 1)
+        xs, xe = max(0, int(math.floor(rc[1] - rad))), min(w, int(math.ceil(rc[1] + rad)) + 1)
+        if ys >= ye or xs >= xe:
+            return None
+        rows = np.arange(ys, ye, dtype=np.float64)[:, None]
+        cols = np.arange(xs, xe, dtype=np.float64)[None, :]
+        dist = np.hypot(rows - rc[0], cols - rc[1])
+        within = dist <= rad
+        if not within.any():
+            return None
+        score = np.where(within, self.score[ys:ye, xs:xe] - 0.02 * dist / max(rad, 1.0), -np.inf)
+        best = np.unravel_index(int(np.argmax(score)), score.shape)
+        plateau, _ = ndi.label(score >= score[best] - self.eps)
+        sel = plateau == plateau[best]
+        wts = score[sel] - (score[best] - self.eps) + 1e-9
+        r = float(np.average(np.broadcast_to(rows, sel.shape)[sel], weights=wts))
+        c = float(np.average(np.broadcast_to(cols, sel.shape)[sel], weights=wts))
+        return self.fraction(int(best[0]) + ys, int(best[1]) + xs), r, c
+
+
+def _refine_on_tissue(
+    result: DearrayResult, tissue: np.ndarray | None, downsample: float, params: DearrayParams
+) -> DearrayResult:
+    """Check every node of the fitted grid on the tissue mask and centre its core there.
+
+    A node whose best core-sized disk holds at least ``min_area_fraction`` tissue has a core,
+    centred on that disk, even when blob detection lost it (a touching pair merged into one
+    blob, a core broken by lumens into pieces each too small, a pale core); its pieces are
+    dropped from the rejected list. Nodes with a blob but no such disk keep the blob. When the
+    grid size is inferred, a row or column just outside the grid holding cores extends it.
+    """
+    if tissue is None or not result.cores or downsample <= 0:
+        return result
+    ds = float(downsample)
+    d_t = result.diameter_px / ds
+    px = result.pitch_x_px or result.pitch_px
+    py = result.pitch_y_px or result.pitch_px
+    if d_t < 4 or px <= 0 or py <= 0:
+        return result
+    th = math.radians(result.rotation_deg)
+    c, s = math.cos(th), math.sin(th)
+    pts = np.array([(k.cx, k.cy) for k in result.cores], dtype=np.float64)
+    rows = np.array([k.row for k in result.cores], dtype=np.float64)
+    cols = np.array([k.col for k in result.cores], dtype=np.float64)
+    au = float(np.median(pts[:, 0] * c + pts[:, 1] * s - cols * px))
+    av = float(np.median(-pts[:, 0] * s + pts[:, 1] * c - rows * py))
+    probe = _NodeProbe(tissue, d_t, params.max_offgrid * min(px, py) / ds)
+    blob = {(k.row, k.col): k for k in result.cores}
+    cache: dict[tuple[int, int], tuple[float, float] | None] = {}
+
+    def node(i: int, j: int) -> tuple[float, float] | None:
+        """Level-0 centre of the core on node (i, j) (lattice indices), or None."""
+        if (i, j) not in cache:
+            u, v = au + j * px, av + i * py
+            x, y = u * c - v * s, u * s + v * c
+            found = probe((y / ds - 0.5, x / ds - 0.5))
+            if found is not None and found[0] >= params.min_area_fraction:
+                cache[(i, j)] = ((found[2] + 0.5) * ds, (found[1] + 0.5) * ds)
+            elif (i, j) in blob:
+                cache[(i, j)] = (blob[(i, j)].cx, blob[(i, j)].cy)
+            else:
+                cache[(i, j)] = None
+        return cache[(i, j)]
+
+    r0, r1, c0, c1 = 0, result.n_rows, 0, result.n_cols
+    grew = True
+    while grew and (r1 - r0) * (c1 - c0) < 10_000:
+        grew = False
+        if params.n_rows is None:
+            if any(node(r0 - 1, j) for j in range(c0, c1)):
+                r0, grew = r0 - 1, True
+            if any(node(r1, j) for j in range(c0, c1)):
+                r1, grew = r1 + 1, True
+        if params.n_cols is None:
+            if any(node(i, c0 - 1) for i in range(r0, r1)):
+                c0, grew = c0 - 1, True
+            if any(node(i, c1) for i in range(r0, r1)):
+                c1, grew = c1 + 1, True
+    n_rows, n_cols = r1 - r0, c1 - c0
+    cores: list[GridCore] = []
+    missing: list[str] = []
+    for i in range(r0, r1):
+        for j in range(c0, c1):
+            xy = node(i, j)
+            lab = grid_label(i - r0, j - c0, params)
+            if xy is None:
+                missing.append(lab)
+            else:
+                cores.append(
+                    GridCore(lab, i - r0, j - c0, float(xy[0]), float(xy[1]), result.diameter_px)
+                )
+    if cores:
+        centres = cKDTree(np.array([(k.cx, k.cy) for k in cores]))
+        rejected = []
+        for reason, x, y in result.rejected:
+            dist, _ = centres.query((x, y))
+            if reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * result.diameter_px:
+                continue  # a piece of a found core (its centroid may sit on the rim)
+            rejected.append((reason, x, y))
+    else:
+        rejected = list(result.rejected)
+    result.cores, result.missing, result.rejected = cores, missing, rejected
+    result.n_rows, result.n_cols = n_rows, n_cols
+    return result
+
+
 # --------------------------------------------------------------------------- slide level
 def dearray_slide(reader: SlideReader, params: DearrayParams) -> DearrayResult:
-    """Dearray a TMA slide from its thumbnail only (no full-resolution reads)."""
+    """Dearray a TMA slide from its thumbnail only (no full-resolution reads).
+
+    Blobs give the grid (rotation, pitches, labels); then every grid node is checked on the
+    thumbnail's tissue mask so cores that blob detection lost or mis-centred are recovered.
+    """
     thumb, ds = reader.thumbnail(params.thumbnail_max_side)
     cand = detect_cores(thumb, params, ds)
     del thumb
     result = fit_grid(cand.xy, cand.diameter_px, params, cand.area)
     result.rejected = cand.rejected + result.rejected
-    return result
+    return _refine_on_tissue(result, cand.tissue, cand.downsample, params)
 
 
 def core_box(core: GridCore, params: DearrayParams) -> tuple[int, int, int]:
