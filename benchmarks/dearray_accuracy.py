@@ -42,8 +42,13 @@ def one_slide(index: int, folder: Path) -> dict:
 
     def core(label: str) -> np.ndarray:
         score = int(scores[labels.index(label)])
-        spec_ = CoreSpec(ihc_score=score, her2_status=int(score == 3), status_cue=False, size=323,
-                         cell_diameter_px=14)  # fmt: skip
+        spec_ = CoreSpec(
+            ihc_score=score,
+            her2_status=int(score == 3),
+            status_cue=False,
+            size=323,
+            cell_diameter_px=14,
+        )
         return render_core(spec_, np.random.default_rng([index, labels.index(label)]))
 
     path = folder / f"slide_{index}.tif"
@@ -86,8 +91,10 @@ def main() -> None:
                 f"({r['missing_reported']} reported in all) [{time.perf_counter() - t0:.1f} s]"
             )
     present, found, correct = totals
-    print(f"TOTAL: {found}/{present} cores found ({found / present:.1%}), "
-          f"{correct}/{present} correctly labelled ({correct / present:.1%})")  # fmt: skip
+    print(
+        f"TOTAL: {found}/{present} cores found ({found / present:.1%}), "
+        f"{correct}/{present} correctly labelled ({correct / present:.1%})"
+    )
 
 
 if __name__ == "__main__":

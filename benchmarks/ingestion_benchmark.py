@@ -36,8 +36,10 @@ def _child(step: str, *args: str) -> dict:
     """Run one step in a fresh interpreter and return the JSON it prints."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", step, *args],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,7 +93,7 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
     import numpy as np
 
     from her2_kedro.synthetic.cohort import BALANCED_PRIORS, sample_cohort
-    from her2_kedro.synthetic.slide import SlideSpec, slide_layout, write_synthetic_slide
+    from her2_kedro.synthetic.slide import SlideSpec, write_synthetic_slide
     from her2_kedro.synthetic.tissue import CoreSpec, render_core
 
     n_rows, n_cols = int(rows), int(cols)
@@ -99,9 +101,14 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
     rng = np.random.default_rng(3)
     missing = tuple(rng.choice(labels, size=3, replace=False))
     spec = SlideSpec(
-        n_rows=n_rows, n_cols=n_cols, core_diameter_px=int(diameter), pitch_px=int(pitch),
-        rotation_deg=1.5, missing=missing, n_debris=15,
-    )  # fmt: skip
+        n_rows=n_rows,
+        n_cols=n_cols,
+        core_diameter_px=int(diameter),
+        pitch_px=int(pitch),
+        rotation_deg=1.5,
+        missing=missing,
+        n_debris=15,
+    )
     table = sample_cohort(len(labels), 1, BALANCED_PRIORS, seed=3)
     by_label = dict(zip(labels, table.to_dict("records"), strict=True))
     side = int(round(int(diameter) / 0.93))
@@ -109,10 +116,12 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
     def core(label: str):
         row = by_label[label]
         core_spec = CoreSpec(
-            ihc_score=int(row["ihc-score"]), her2_status=int(row["her2-status"]),
+            ihc_score=int(row["ihc-score"]),
+            her2_status=int(row["her2-status"]),
             status_cue=bool(row["status_cue"]),
-            size=side, cell_diameter_px=40,
-        )  # fmt: skip
+            size=side,
+            cell_diameter_px=40,
+        )
         return render_core(core_spec, np.random.default_rng(labels.index(label)))
 
     t0 = time.perf_counter()
@@ -141,9 +150,11 @@ def step_dearray(path: str) -> dict:
     elapsed = time.perf_counter() - t0
     found = {c.label: (c.cx, c.cy) for c in result.cores}
     correct = sum(
-        1 for label, (x, y) in found.items()
-        if label in truth and np.hypot(x - truth[label][0], y - truth[label][1]) < result.pitch_px / 4
-    )  # fmt: skip
+        1
+        for label, (x, y) in found.items()
+        if label in truth
+        and np.hypot(x - truth[label][0], y - truth[label][1]) < result.pitch_px / 4
+    )
     return {
         "slide_px": list(size),
         "true_cores": len(truth),
@@ -185,9 +196,13 @@ def main() -> None:
         res = _child("decode_vs_ingest", str(REAL_CORES), str(args.repeats))
         for row in res["rows"]:
             ratio = row["ingest_s"] / row["decode_s"]
-            print(f"  {row['core'][:40]:40s} decode {row['decode_s']:.3f} s  ingest {row['ingest_s']:.3f} s  ratio {ratio:.2f}x")
+            print(
+                f"  {row['core'][:40]:40s} decode {row['decode_s']:.3f} s  ingest {row['ingest_s']:.3f} s  ratio {ratio:.2f}x"
+            )
         ratios = [r["ingest_s"] / r["decode_s"] for r in res["rows"]]
-        print(f"  ingest/decode ratio: median {sorted(ratios)[len(ratios) // 2]:.2f}x, max {max(ratios):.2f}x (target <= 1.5x)")
+        print(
+            f"  ingest/decode ratio: median {sorted(ratios)[len(ratios) // 2]:.2f}x, max {max(ratios):.2f}x (target <= 1.5x)"
+        )
         res = _child("ingest_folder", str(REAL_CORES))
         print(
             f"  folder ingestion: {res['cores']} cores in {res['seconds']:.2f} s "
@@ -201,8 +216,17 @@ def main() -> None:
     slide = RESULTS / f"slide_{args.rows}x{args.cols}_p{args.pitch}_d{args.diameter}.tif"
     print(f"== Dearraying a synthetic {args.rows} x {args.cols} slide: {slide.name}")
     if not slide.with_suffix(".truth.json").is_file():
-        res = _child("write_slide", str(slide), str(args.rows), str(args.cols), str(args.pitch), str(args.diameter))
-        print(f"  written in {res['seconds']:.1f} s (peak RSS of the writer {res['peak_rss_mb']:.0f} MB)")
+        res = _child(
+            "write_slide",
+            str(slide),
+            str(args.rows),
+            str(args.cols),
+            str(args.pitch),
+            str(args.diameter),
+        )
+        print(
+            f"  written in {res['seconds']:.1f} s (peak RSS of the writer {res['peak_rss_mb']:.0f} MB)"
+        )
     res = _child("dearray", str(slide))
     w, h = res["slide_px"]
     print(f"  slide {w} x {h} px ({w * h / 1e6:.0f} Mpx), file {slide.stat().st_size / 1e6:.0f} MB")

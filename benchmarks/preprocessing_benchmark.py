@@ -108,9 +108,13 @@ def main() -> None:
             f"core, peak RSS {res['peak_rss_mb']:.0f} MB"
         )
         features = pd.DataFrame(res["rows"])
-        for row, label in zip(features.itertuples(index=False), labels.itertuples(index=False), strict=True):
-            print(f"  {row.filename[:12]}  score {label[1]} status {label[2]}  tiles {row.n_tiles:4d}  "
-                  f"max_mean_dab {row.max_mean_dab:.4f}  pos_frac_weak {row.pos_frac_weak:.3f}")  # fmt: skip
+        for row, label in zip(
+            features.itertuples(index=False), labels.itertuples(index=False), strict=True
+        ):
+            print(
+                f"  {row.filename[:12]}  score {label[1]} status {label[2]}  tiles {row.n_tiles:4d}  "
+                f"max_mean_dab {row.max_mean_dab:.4f}  pos_frac_weak {row.pos_frac_weak:.3f}"
+            )
         loo = leave_one_out(features, labels)
         print(
             f"  leave-one-out intensity LR (max_mean_dab): HER2 status balanced accuracy "

@@ -35,9 +35,13 @@ from her2_kedro.tiling import TileRule
 CLASS_NAMES = ["0", "1", "2-", "2+", "3"]
 
 
-def measure(n_cores: int, size: int, cell_diameter_px: float, seed: int, cores_per_patient: int) -> pd.DataFrame:
+def measure(
+    n_cores: int, size: int, cell_diameter_px: float, seed: int, cores_per_patient: int
+) -> pd.DataFrame:
     """The cohort table with a ``max_mean_dab`` column (one rendered core at a time)."""
-    table = sample_cohort(n_cores // cores_per_patient, cores_per_patient, BALANCED_PRIORS, seed=seed)
+    table = sample_cohort(
+        n_cores // cores_per_patient, cores_per_patient, BALANCED_PRIORS, seed=seed
+    )
     rule = TileRule()
     values = []
     for name, jpeg in render_cohort(table, size=size, cell_diameter_px=cell_diameter_px, seed=seed):
@@ -46,7 +50,9 @@ def measure(n_cores: int, size: int, cell_diameter_px: float, seed: int, cores_p
     return table.assign(max_mean_dab=values)
 
 
-def fit_eval(table: pd.DataFrame, train: np.ndarray, test: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+def fit_eval(
+    table: pd.DataFrame, train: np.ndarray, test: np.ndarray
+) -> tuple[float, float, np.ndarray, np.ndarray]:
     """Balanced accuracies (IHC score, HER2 status) of the one-feature logistic regression, and the
     test confusion counts: true five-class label (0, 1, 2-, 2+, 3) x predicted score / status."""
     x = table[["max_mean_dab"]].to_numpy(float)
@@ -87,11 +93,16 @@ def main() -> None:
     table = measure(args.cores, args.size, args.cell_diameter, args.seed, args.cores_per_patient)
     elapsed = time.perf_counter() - t0
     table = table[np.isfinite(table["max_mean_dab"])].reset_index(drop=True)
-    cls = np.where(table["ihc-score"] == 2, np.where(table["her2-status"] == 1, "2+", "2-"),
-                   table["ihc-score"].astype(str))
+    cls = np.where(
+        table["ihc-score"] == 2,
+        np.where(table["her2-status"] == 1, "2+", "2-"),
+        table["ihc-score"].astype(str),
+    )
     table["class"] = cls
-    print(f"{len(table)} cores of {args.size} px (cell {args.cell_diameter:g} px), "
-          f"{table['patient_id'].nunique()} patients, rendered + measured in {elapsed:.1f} s")
+    print(
+        f"{len(table)} cores of {args.size} px (cell {args.cell_diameter:g} px), "
+        f"{table['patient_id'].nunique()} patients, rendered + measured in {elapsed:.1f} s"
+    )
     print("max-mean-DAB (rgb2hed units) per class:")
     for c in ("0", "1", "2-", "2+", "3"):
         v = table.loc[table["class"] == c, "max_mean_dab"]
@@ -104,10 +115,14 @@ def main() -> None:
     splitter = GroupShuffleSplit(n_splits=args.repeats, test_size=0.3, random_state=args.seed)
     results = [fit_eval(table, tr, te) for tr, te in splitter.split(table, groups=groups)]
     scores = np.array([r[:2] for r in results])
-    print(f"patient-level 70/30 split #0: balanced accuracy IHC score {scores[0, 0]:.4f}, "
-          f"HER2 status {scores[0, 1]:.4f}")
-    print(f"over {args.repeats} splits: IHC score {scores[:, 0].mean():.4f} +- {scores[:, 0].std():.4f}, "
-          f"HER2 status {scores[:, 1].mean():.4f} +- {scores[:, 1].std():.4f}")
+    print(
+        f"patient-level 70/30 split #0: balanced accuracy IHC score {scores[0, 0]:.4f}, "
+        f"HER2 status {scores[0, 1]:.4f}"
+    )
+    print(
+        f"over {args.repeats} splits: IHC score {scores[:, 0].mean():.4f} +- {scores[:, 0].std():.4f}, "
+        f"HER2 status {scores[:, 1].mean():.4f} +- {scores[:, 1].std():.4f}"
+    )
     _print_confusion("IHC score", sum(r[2] for r in results), ["0", "1", "2", "3"])
     _print_confusion("HER2 status", sum(r[3] for r in results), ["neg", "pos"])
     print("paper (real cores, this baseline): IHC score 0.6876, HER2 status 0.8457")

@@ -154,7 +154,10 @@ def make_tma(
     tries = 0
     while placed < debris and tries < 10_000:
         tries += 1
-        x, y = rng.uniform(border / 2, width - border / 2), rng.uniform(border / 2, height - border / 2)
+        x, y = (
+            rng.uniform(border / 2, width - border / 2),
+            rng.uniform(border / 2, height - border / 2),
+        )
         if all(math.hypot(x - d.cx, y - d.cy) > d.r + 4 * debris_radius for d in disks):
             disks.append(Disk(x, y, debris_radius, (90, 60, 40), ""))
             placed += 1

@@ -104,7 +104,9 @@ def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
     # a user's file dropped next to the demo cohort blocks any further rewrite
     (tmp_path / "cores" / "mine.jpg").write_bytes(b"mine")
     dataset.save(_cohort("f3", names=("core_4.jpg",)))
-    assert (tmp_path / "cores" / "mine.jpg").exists() and (tmp_path / "cores" / "core_3.jpg").exists()
+    assert (tmp_path / "cores" / "mine.jpg").exists() and (
+        tmp_path / "cores" / "core_3.jpg"
+    ).exists()
     assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f2"
 
 

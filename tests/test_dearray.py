@@ -30,7 +30,9 @@ from her2_kedro.wsi import BaseSlideReader, open_slide  # noqa: E402
 PARAMS = DearrayParams(thumbnail_max_side=500)
 
 
-def _dearray(tmp_path: Path, scene: sf.Scene, params: DearrayParams = PARAMS, name: str = "s.tif") -> DearrayResult:
+def _dearray(
+    tmp_path: Path, scene: sf.Scene, params: DearrayParams = PARAMS, name: str = "s.tif"
+) -> DearrayResult:
     p = tmp_path / name
     if p.suffix in (".png", ".jpg"):
         sf.write_plain(scene, p)
@@ -158,7 +160,9 @@ def test_expected_grid_size_rejects_outside_and_reports_missing(tmp_path: Path) 
     assert (res.n_rows, res.n_cols) == (3, 6)
     assert sum(r[0] == "outside-grid" for r in res.rejected) == 6
     assert {c.label for c in res.cores} == {f"{r}-{j}" for r in "ABC" for j in range(1, 7)}
-    res2 = _dearray(tmp_path, sc, DearrayParams(thumbnail_max_side=500, n_rows=4, n_cols=7), name="b.tif")
+    res2 = _dearray(
+        tmp_path, sc, DearrayParams(thumbnail_max_side=500, n_rows=4, n_cols=7), name="b.tif"
+    )
     assert set(res2.missing) == {f"{r}-7" for r in "ABCD"}
 
 
@@ -170,7 +174,9 @@ def test_extract_core_matches_label_colour(tmp_path: Path, monkeypatch: pytest.M
     reads: list[tuple[tuple[int, int], int, tuple[int, int]]] = []
     orig = BaseSlideReader.read_region
 
-    def spy(self: BaseSlideReader, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def spy(
+        self: BaseSlideReader, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         reads.append((location, level, size))
         return orig(self, location, level, size)
 
@@ -297,11 +303,18 @@ def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) ->
     d = 120
     labels = [core_label(r, c) for r in range(4) for c in range(5)]
     spec = SlideSpec(
-        n_rows=4, n_cols=5, core_diameter_px=d, pitch_px=int(d * rng.uniform(1.15, 1.35)),
-        rotation_deg=float(rng.uniform(-4, 4)), jitter_px=3.0,
-        missing=tuple(rng.choice(labels, 2, replace=False)), n_debris=4, n_touching=1,
-        margin_px=64, tile_size=256,
-    )  # fmt: skip
+        n_rows=4,
+        n_cols=5,
+        core_diameter_px=d,
+        pitch_px=int(d * rng.uniform(1.15, 1.35)),
+        rotation_deg=float(rng.uniform(-4, 4)),
+        jitter_px=3.0,
+        missing=tuple(rng.choice(labels, 2, replace=False)),
+        n_debris=4,
+        n_touching=1,
+        margin_px=64,
+        tile_size=256,
+    )
     scores = rng.integers(0, 4, size=len(labels))
 
     def core(label: str) -> np.ndarray:

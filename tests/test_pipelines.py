@@ -74,7 +74,9 @@ def test_bad_inputs_cost_nothing_else(tmp_path, catalog_config, tiny_synthetic_p
     raw = tmp_path / "data" / "01_raw"
     labels = pd.read_csv(raw / "labels.csv")
     good = len(labels)
-    (raw / "cores" / "truncated.jpg").write_bytes((raw / "cores" / labels.filename[0]).read_bytes()[:500])
+    (raw / "cores" / "truncated.jpg").write_bytes(
+        (raw / "cores" / labels.filename[0]).read_bytes()[:500]
+    )
     (raw / "cores" / "notes.jpg").write_text("not an image")
     extra = pd.DataFrame(
         {
@@ -90,7 +92,10 @@ def test_bad_inputs_cost_nothing_else(tmp_path, catalog_config, tiny_synthetic_p
     folder_ok = qc[(qc["status"] == "accepted") & (qc["source"] == "cores")]
     assert len(folder_ok) == good
     reasons = qc.set_index("core_id")["reason"].to_dict()
-    assert "truncated" in reasons["truncated.jpg"].lower() or "corrupt" in reasons["truncated.jpg"].lower()
+    assert (
+        "truncated" in reasons["truncated.jpg"].lower()
+        or "corrupt" in reasons["truncated.jpg"].lower()
+    )
     assert "not an image" in reasons["notes.jpg"].lower()
     assert "escapes" in reasons["../../secret.jpg"]
     assert "label without file" in reasons["absent.jpg"]
@@ -127,19 +132,30 @@ def test_intensity_study_end_to_end_with_mlflow(tmp_path, catalog_config, study_
 
     metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
     assert list(metrics.columns) == [
-        "model", "task", "split", "n", "balanced_accuracy", "precision_weighted",
-        "recall_weighted", "f1_weighted", "auroc",
-    ]  # fmt: skip
+        "model",
+        "task",
+        "split",
+        "n",
+        "balanced_accuracy",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "auroc",
+    ]
     assert set(metrics["model"]) == {"intensity", "intensity_plus"}
     assert set(metrics["task"]) == {"ihc_score", "her2_status"}
     # external-centre cores never train: they are reported as their own split
     assert "external" in set(metrics["split"])
     external = manifest[manifest["cohort"] == "external"]
-    n_external = metrics.query("model == 'intensity' and task == 'her2_status' and split == 'external'")["n"]
+    n_external = metrics.query(
+        "model == 'intensity' and task == 'her2_status' and split == 'external'"
+    )["n"]
     assert int(n_external.iloc[0]) == len(external) > 0
     predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")
     assert len(predictions) == 4 * len(manifest)
-    assert (data / "08_reporting" / "intensity" / "her2_status" / "status_crosstab_test.csv").is_file()
+    assert (
+        data / "08_reporting" / "intensity" / "her2_status" / "status_crosstab_test.csv"
+    ).is_file()
     model = json.loads((data / "06_models" / "intensity.her2_status.json").read_text())
     assert model["features"] == ["max_mean_dab"] and model["classes"] == [0, 1]
 
@@ -158,9 +174,21 @@ def test_rerun_replaces_own_metric_rows_and_keeps_others(tmp_path, catalog_confi
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     reporting = tmp_path / "data" / "08_reporting"
     reporting.mkdir(parents=True)
-    other = pd.DataFrame([{"model": "mil", "task": "ihc_score", "split": "test", "n": 3,
-                           "balanced_accuracy": 0.5, "precision_weighted": 0.5, "recall_weighted": 0.5,
-                           "f1_weighted": 0.5, "auroc": 0.5}])  # fmt: skip
+    other = pd.DataFrame(
+        [
+            {
+                "model": "mil",
+                "task": "ihc_score",
+                "split": "test",
+                "n": 3,
+                "balanced_accuracy": 0.5,
+                "precision_weighted": 0.5,
+                "recall_weighted": 0.5,
+                "f1_weighted": 0.5,
+                "auroc": 0.5,
+            }
+        ]
+    )
     other.to_csv(reporting / "metrics.csv", index=False)
     _run("synthetic", catalog_config, study_params)
     with mlflow.start_run():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -27,21 +28,37 @@ def _png(rgb: np.ndarray) -> bytes:
 def cohort():
     """Six small cores: four internal (two of them score 3), two external-centre cores."""
     rows, cores = [], {}
-    for i, (score, external) in enumerate([(3, False), (0, False), (3, False), (2, False), (3, True), (1, True)]):
-        spec = CoreSpec(ihc_score=score, her2_status=int(score == 3), status_cue=False, size=448,
-                        cell_diameter_px=20, **({"stains": EXTERNAL_STAINS} if external else {}))  # fmt: skip
+    for i, (score, external) in enumerate(
+        [(3, False), (0, False), (3, False), (2, False), (3, True), (1, True)]
+    ):
+        spec = CoreSpec(
+            ihc_score=score,
+            her2_status=int(score == 3),
+            status_cue=False,
+            size=448,
+            cell_diameter_px=20,
+            **({"stains": EXTERNAL_STAINS} if external else {}),
+        )
         rgb = render_core(spec, np.random.default_rng(i))
         image = f"c{i}.png"
-        cores[image] = (lambda data=_png(rgb): data)
-        rows.append({"core_id": f"c{i}", "image": image, "split": "train",
-                     "cohort": "external" if external else "internal"})  # fmt: skip
+        cores[image] = partial(bytes, _png(rgb))
+        rows.append(
+            {
+                "core_id": f"c{i}",
+                "image": image,
+                "split": "train",
+                "cohort": "external" if external else "internal",
+            }
+        )
     return pd.DataFrame(rows), cores
 
 
 def test_reference_from_tiles_is_close_to_the_rendering_stains(cohort):
     manifest, cores = cohort
     internal = manifest[manifest["cohort"] == "internal"]
-    tiles = preprocess.reference_tiles(internal, cores, TileRule(), max_cores=4, tiles_per_core=4, seed=0)
+    tiles = preprocess.reference_tiles(
+        internal, cores, TileRule(), max_cores=4, tiles_per_core=4, seed=0
+    )
     assert len(tiles) == 16 and tiles[0].shape == (224, 224, 3)
     vectors, _ = preprocess.estimate_reference(tiles, 220.0)
     from her2_kedro.synthetic.optics import INTERNAL_STAINS
@@ -56,13 +73,21 @@ def test_no_reference_tiles_is_a_clear_error():
 
 def test_only_marked_cohorts_are_normalised(cohort):
     manifest, cores = cohort
-    tiles = preprocess.reference_tiles(manifest[manifest["cohort"] == "internal"], cores, TileRule(), 4, 4, 0)
+    tiles = preprocess.reference_tiles(
+        manifest[manifest["cohort"] == "internal"], cores, TileRule(), 4, 4, 0
+    )
     reference, _ = preprocess.estimate_reference(tiles, 220.0)
-    plain = preprocess.preprocess_cores(manifest, cores, TileRule(), IntensityThresholds(), None, ["external"])
-    normed = preprocess.preprocess_cores(manifest, cores, TileRule(), IntensityThresholds(), reference, ["external"])
+    plain = preprocess.preprocess_cores(
+        manifest, cores, TileRule(), IntensityThresholds(), None, ["external"]
+    )
+    normed = preprocess.preprocess_cores(
+        manifest, cores, TileRule(), IntensityThresholds(), reference, ["external"]
+    )
     before = pd.DataFrame(plain.features).set_index("core_id")["max_mean_dab"]
     after = pd.DataFrame(normed.features).set_index("core_id")
-    assert after.loc[["c0", "c1", "c2", "c3"], "max_mean_dab"].equals(before.loc[["c0", "c1", "c2", "c3"]])
+    assert after.loc[["c0", "c1", "c2", "c3"], "max_mean_dab"].equals(
+        before.loc[["c0", "c1", "c2", "c3"]]
+    )
     assert after.loc["c4", "normalised"] and not after.loc["c0", "normalised"]
     # external cores are measured after normalisation (stain colours mapped, DAB amount kept)
     assert after.loc["c4", "max_mean_dab"] != before.loc["c4"]

@@ -21,11 +21,17 @@ TINY = {
         "core_size": 448,
         "cell_diameter_px": 20,
         "external_fraction": 0.2,
-        "slides": {"n_rows": 3, "n_cols": 4, "core_diameter_px": 400, "pitch_px": 480,
-                   "n_missing": 1, "n_debris": 2},
+        "slides": {
+            "n_rows": 3,
+            "n_cols": 4,
+            "core_diameter_px": 400,
+            "pitch_px": 480,
+            "n_missing": 1,
+            "n_debris": 2,
+        },
     },
     "preprocessing": {"stain_normalisation": {"max_reference_cores": 6, "preview_tiles": 2}},
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -72,7 +78,9 @@ def test_kedro_run_synthetic_then_intensity(project):
 
 def test_invalid_parameter_stops_the_run_before_any_work(project):
     (project / "conf" / "local" / "parameters_bad.yml").write_text(
-        yaml.safe_dump({"ingestion": {"splits": {"fractions": {"train": 2.0, "val": 0, "test": 0}}}})
+        yaml.safe_dump(
+            {"ingestion": {"splits": {"fractions": {"train": 2.0, "val": 0, "test": 0}}}}
+        )
     )
     with pytest.raises(ParameterError, match="ingestion.splits.fractions"):
         _run(project, "ingestion")

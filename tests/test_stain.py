@@ -106,8 +106,14 @@ def test_matches_rgb2hed_on_synthetic_cores_of_every_score() -> None:
 
     for score in range(4):
         for stains in ({}, {"stains": EXTERNAL_STAINS}):
-            spec = CoreSpec(ihc_score=score, her2_status=int(score == 3), status_cue=False,
-                            size=336, cell_diameter_px=18, **stains)  # fmt: skip
+            spec = CoreSpec(
+                ihc_score=score,
+                her2_status=int(score == 3),
+                status_cue=False,
+                size=336,
+                cell_diameter_px=18,
+                **stains,
+            )
             rgb = render_core(spec, np.random.default_rng(score))
             expected = rgb2hed(rgb).astype(np.float32)
             np.testing.assert_allclose(dab_channel(rgb), expected[..., 2], rtol=1e-3, atol=1e-6)

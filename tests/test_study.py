@@ -18,14 +18,20 @@ def _manifest_and_features(n=60, seed=0, external=0):
             "core_id": [f"c{i}" for i in range(n + external)],
             "split": rng.choice(["train", "val", "test"], p=[0.6, 0.2, 0.2], size=n + external),
             "cohort": ["internal"] * n + ["external"] * external,
-            "five_class": [str(s) if s != 2 else ("2+" if st else "2-") for s, st in zip(score, status, strict=True)],
+            "five_class": [
+                str(s) if s != 2 else ("2+" if st else "2-")
+                for s, st in zip(score, status, strict=True)
+            ],
             "ihc_score": score,
             "her2_status": status,
         }
-    )  # fmt: skip
+    )
     features = pd.DataFrame(
-        {"core_id": manifest["core_id"], "max_mean_dab": score * 0.02 + rng.normal(0, 0.004, n + external)}
-    )  # fmt: skip
+        {
+            "core_id": manifest["core_id"],
+            "max_mean_dab": score * 0.02 + rng.normal(0, 0.004, n + external),
+        }
+    )
     return manifest, features
 
 
@@ -51,11 +57,15 @@ def test_selection_uses_validation_only_and_test_is_never_seen(monkeypatch):
         return real_fit(X, y, **kwargs)
 
     monkeypatch.setattr(study, "fit_intensity_lr", spy)
-    model, selection = study.select_and_fit(table, ["max_mean_dab"], task, [0.01, 1.0, 100.0], True, 0)
+    model, selection = study.select_and_fit(
+        table, ["max_mean_dab"], task, [0.01, 1.0, 100.0], True, 0
+    )
     train_ids = set(table.loc[table["split"] == "train", "core_id"])
     assert all(ids == train_ids for ids in seen)  # every fit on train only
     assert selection["chosen"].sum() == 1 and len(selection) == 3
-    predictions, metrics, confusions = study.evaluate(model, table, ["max_mean_dab"], task, "intensity")
+    predictions, metrics, confusions = study.evaluate(
+        model, table, ["max_mean_dab"], task, "intensity"
+    )
     assert set(metrics["split"]) == {"train", "val", "test"}
     assert metrics.set_index("split").loc["test", "n"] == (table["split"] == "test").sum()
     assert metrics.set_index("split").loc["test", "balanced_accuracy"] > 0.8  # separable toy data

@@ -39,8 +39,8 @@ def max_mean_dab(rgb: np.ndarray, tile: int = 224) -> float:
     best = -np.inf
     for y in range(0, rgb.shape[0] - tile + 1, tile):
         for x in range(0, rgb.shape[1] - tile + 1, tile):
-            if fg[y:y + tile, x:x + tile].mean() > 0.05:
-                best = max(best, float(dab[y:y + tile, x:x + tile].mean()))
+            if fg[y : y + tile, x : x + tile].mean() > 0.05:
+                best = max(best, float(dab[y : y + tile, x : x + tile].mean()))
     return best
 
 
@@ -90,7 +90,9 @@ def test_render_core_deterministic_shape_and_round():
 
 
 def test_encode_jpeg_quality_controls_size():
-    rgb = render_core(CoreSpec(3, 1, False, size=224, cell_diameter_px=14), np.random.default_rng(0))
+    rgb = render_core(
+        CoreSpec(3, 1, False, size=224, cell_diameter_px=14), np.random.default_rng(0)
+    )
     lo, hi = encode_jpeg(rgb, 60), encode_jpeg(rgb, 95)
     assert len(lo) < len(hi)
     back = np.asarray(Image.open(io.BytesIO(hi)))
@@ -102,7 +104,9 @@ def test_artefacts_change_the_core(flag):
     base = CoreSpec(2, 0, False, size=224, cell_diameter_px=14)
     kwargs = {"blur_sigma": 2.0} if flag == "blur" else {flag: True}
     plain = render_core(base, np.random.default_rng(3))
-    art = render_core(CoreSpec(2, 0, False, size=224, cell_diameter_px=14, **kwargs), np.random.default_rng(3))
+    art = render_core(
+        CoreSpec(2, 0, False, size=224, cell_diameter_px=14, **kwargs), np.random.default_rng(3)
+    )
     assert art.shape == plain.shape and not np.array_equal(art, plain)
     if flag == "partial":
         assert foreground_mask(art).mean() < foreground_mask(plain).mean() - 0.03
@@ -115,8 +119,12 @@ def test_dab_descriptor_increases_with_score_on_average():
     # cores); the class means over several cores still rise with the score.
     vals = {
         score: [
-            max_mean_dab(render_core(CoreSpec(score, int(score == 3), False, size=448, cell_diameter_px=18),
-                                     np.random.default_rng(100 + 10 * score + i)))
+            max_mean_dab(
+                render_core(
+                    CoreSpec(score, int(score == 3), False, size=448, cell_diameter_px=18),
+                    np.random.default_rng(100 + 10 * score + i),
+                )
+            )
             for i in range(6)
         ]
         for score in range(4)
@@ -132,7 +140,10 @@ def test_staining_pattern_follows_gastric_criteria():
     complete, 3 strong complete, 4 moderate fragmented = scored 1)."""
     for score in range(4):
         for i in range(8):
-            p = _plan(CoreSpec(score, int(score == 3), False, size=336, cell_diameter_px=16), np.random.default_rng(i))
+            p = _plan(
+                CoreSpec(score, int(score == 3), False, size=336, cell_diameter_px=16),
+                np.random.default_rng(i),
+            )
             inside = (p.sy.ravel() - p.centre) ** 2 + (p.sx.ravel() - p.centre) ** 2 < p.radius**2
             cat = p.category[(p.kind == 1) & inside]
             share = {c: float(np.mean(cat == c)) for c in range(5)}
@@ -144,26 +155,43 @@ def test_staining_pattern_follows_gastric_criteria():
                 assert share[2] >= 0.10 and share[3] < 0.10
             else:
                 assert share[3] >= 0.10
-            assert (p.partial_mem[p.category == 1] == 1).all() and (p.partial_mem[p.category == 3] == 0).all()
+            assert (p.partial_mem[p.category == 1] == 1).all() and (
+                p.partial_mem[p.category == 3] == 0
+            ).all()
     # the spec's nuisances override the drawn ones without changing the tissue
     spec = CoreSpec(3, 1, False, size=224, cell_diameter_px=14)
     a = _plan(spec, np.random.default_rng(1))
-    b = _plan(CoreSpec(3, 1, False, size=224, cell_diameter_px=14, dab_gain=2.0, focal=not a.focal), np.random.default_rng(1))
+    b = _plan(
+        CoreSpec(3, 1, False, size=224, cell_diameter_px=14, dab_gain=2.0, focal=not a.focal),
+        np.random.default_rng(1),
+    )
     assert b.dab_gain == 2.0 and b.focal != a.focal and b.tumour_fraction == a.tumour_fraction
     assert np.array_equal(a.kind, b.kind)
 
 
 def test_dab_gain_scales_measured_intensity():
     vals = [
-        max_mean_dab(render_core(CoreSpec(2, 0, False, size=448, cell_diameter_px=18, dab_gain=g, tumour_fraction=0.6),
-                                 np.random.default_rng(7)))
+        max_mean_dab(
+            render_core(
+                CoreSpec(
+                    2, 0, False, size=448, cell_diameter_px=18, dab_gain=g, tumour_fraction=0.6
+                ),
+                np.random.default_rng(7),
+            )
+        )
         for g in (0.6, 1.0, 1.6)
     ]
     assert vals[0] < vals[1] < vals[2], vals
     assert vals[2] - vals[0] > 0.5 * (vals[1] - vals[0] + vals[2] - vals[1]) > 0.002, vals
     more_tumour = [
-        max_mean_dab(render_core(CoreSpec(3, 1, False, size=448, cell_diameter_px=18, dab_gain=1.0, tumour_fraction=f),
-                                 np.random.default_rng(7)))
+        max_mean_dab(
+            render_core(
+                CoreSpec(
+                    3, 1, False, size=448, cell_diameter_px=18, dab_gain=1.0, tumour_fraction=f
+                ),
+                np.random.default_rng(7),
+            )
+        )
         for f in (0.25, 0.85)
     ]
     assert more_tumour[0] < more_tumour[1], more_tumour
@@ -173,8 +201,10 @@ def test_status_cue_is_morphological_not_intensity():
     y, dab, area = [], [], []
     for i in range(12):
         for cue in (False, True):
-            rgb = render_core(CoreSpec(2, int(cue), cue, size=448, cell_diameter_px=24),
-                              np.random.default_rng(1000 + 2 * i + cue))
+            rgb = render_core(
+                CoreSpec(2, int(cue), cue, size=448, cell_diameter_px=24),
+                np.random.default_rng(1000 + 2 * i + cue),
+            )
             y.append(int(cue))
             dab.append(max_mean_dab(rgb))
             area.append(median_nucleus_area(rgb, 24))
@@ -191,10 +221,17 @@ def test_sample_cohort_columns_priors_and_rules():
     assert t["filename"].is_unique
     assert all(f.startswith("core_") and f.endswith(".jpg") for f in t["filename"])
     per_patient = t.groupby("patient_id")
-    assert (per_patient[["ihc-score", "her2-status", "cohort", "status_cue"]].nunique() == 1).all().all()
+    assert (
+        (per_patient[["ihc-score", "her2-status", "cohort", "status_cue"]].nunique() == 1)
+        .all()
+        .all()
+    )
     patients = per_patient.first()
-    cls = np.where(patients["ihc-score"] == 2, np.where(patients["her2-status"] == 1, "2+", "2-"),
-                   patients["ihc-score"].astype(str))
+    cls = np.where(
+        patients["ihc-score"] == 2,
+        np.where(patients["her2-status"] == 1, "2+", "2-"),
+        patients["ihc-score"].astype(str),
+    )
     shares = pd.Series(cls).value_counts(normalize=True)
     assert set(shares.index) == set(CLASSES)
     assert shares.between(0.15, 0.25).all(), shares
@@ -209,18 +246,36 @@ def test_sample_cohort_columns_priors_and_rules():
         assert 0.05 < t[flag].mean() < 0.15
     assert t.equals(sample_cohort(2000, (1, 3), BALANCED_PRIORS, seed=1, external_fraction=0.25))
     # per-core nuisances: log-normal gain (log-sd 0.3), tumour fraction 0.2-0.9, 30 % focal, label-free
-    assert abs(np.log(t["dab_gain"]).std() - 0.3) < 0.03 and abs(np.log(t["dab_gain"]).mean()) < 0.03
+    assert (
+        abs(np.log(t["dab_gain"]).std() - 0.3) < 0.03 and abs(np.log(t["dab_gain"]).mean()) < 0.03
+    )
     assert t["tumour_fraction"].between(0.2, 0.9).all() and abs(t["focal"].mean() - 0.3) < 0.05
     for col in ("dab_gain", "tumour_fraction"):
         assert abs(np.corrcoef(t[col], t["ihc-score"])[0, 1]) < 0.1
-    fixed = sample_cohort(50, 1, BALANCED_PRIORS, seed=1, dab_gain_sd=0.0, tumour_fraction_range=(0.5, 0.5), focal_rate=0)
-    assert (fixed["dab_gain"] == 1).all() and (fixed["tumour_fraction"] == 0.5).all() and not fixed["focal"].any()
-    base = sample_cohort(50, 1, BALANCED_PRIORS, seed=1).drop(columns=["dab_gain", "tumour_fraction", "focal"])
+    fixed = sample_cohort(
+        50,
+        1,
+        BALANCED_PRIORS,
+        seed=1,
+        dab_gain_sd=0.0,
+        tumour_fraction_range=(0.5, 0.5),
+        focal_rate=0,
+    )
+    assert (
+        (fixed["dab_gain"] == 1).all()
+        and (fixed["tumour_fraction"] == 0.5).all()
+        and not fixed["focal"].any()
+    )
+    base = sample_cohort(50, 1, BALANCED_PRIORS, seed=1).drop(
+        columns=["dab_gain", "tumour_fraction", "focal"]
+    )
     assert base.equals(fixed.drop(columns=["dab_gain", "tumour_fraction", "focal"]))
 
 
 def test_sample_cohort_paper_priors_and_no_label_in_names():
-    t = sample_cohort(500, 2, PAPER_PRIORS, seed=3, artefact_rates={"tear": 0, "fold": 0, "partial": 0, "blur": 0})
+    t = sample_cohort(
+        500, 2, PAPER_PRIORS, seed=3, artefact_rates={"tear": 0, "fold": 0, "partial": 0, "blur": 0}
+    )
     assert len(t) == 1000
     assert (t["ihc-score"] == 0).mean() > 0.75
     assert not (t["tear"] | t["fold"] | t["partial"]).any() and (t["blur_sigma"] == 0).all()
@@ -244,13 +299,30 @@ def test_render_cohort_lazy_and_reproducible_per_row():
     assert img.shape == (224, 224, 3)
     # the table's nuisance columns reach the renderer
     row = t.iloc[0]
-    spec = CoreSpec(int(row["ihc-score"]), int(row["her2-status"]), bool(row["status_cue"]), size=224,
-                    cell_diameter_px=14, stains=EXTERNAL_STAINS if row["cohort"] == "external" else INTERNAL_STAINS,
-                    tear=bool(row["tear"]), fold=bool(row["fold"]), partial=bool(row["partial"]),
-                    blur_sigma=float(row["blur_sigma"]), dab_gain=float(row["dab_gain"]),
-                    tumour_fraction=float(row["tumour_fraction"]), focal=bool(row["focal"]))
-    assert encode_jpeg(render_core(spec, np.random.default_rng([9, 0])), int(row["jpeg_quality"])) == first[1]
-    changed = list(render_cohort(t.iloc[[0]].assign(dab_gain=row["dab_gain"] * 2), size=224, cell_diameter_px=14, seed=9))
+    spec = CoreSpec(
+        int(row["ihc-score"]),
+        int(row["her2-status"]),
+        bool(row["status_cue"]),
+        size=224,
+        cell_diameter_px=14,
+        stains=EXTERNAL_STAINS if row["cohort"] == "external" else INTERNAL_STAINS,
+        tear=bool(row["tear"]),
+        fold=bool(row["fold"]),
+        partial=bool(row["partial"]),
+        blur_sigma=float(row["blur_sigma"]),
+        dab_gain=float(row["dab_gain"]),
+        tumour_fraction=float(row["tumour_fraction"]),
+        focal=bool(row["focal"]),
+    )
+    assert (
+        encode_jpeg(render_core(spec, np.random.default_rng([9, 0])), int(row["jpeg_quality"]))
+        == first[1]
+    )
+    changed = list(
+        render_cohort(
+            t.iloc[[0]].assign(dab_gain=row["dab_gain"] * 2), size=224, cell_diameter_px=14, seed=9
+        )
+    )
     assert changed[0][1] != first[1]
 
 
@@ -258,7 +330,9 @@ def test_render_cohort_lazy_and_reproducible_per_row():
 
 
 def test_slide_layout_labels_and_geometry():
-    spec = SlideSpec(n_rows=3, n_cols=4, core_diameter_px=200, pitch_px=260, missing=("B-2",), margin_px=50)
+    spec = SlideSpec(
+        n_rows=3, n_cols=4, core_diameter_px=200, pitch_px=260, missing=("B-2",), margin_px=50
+    )
     lay = slide_layout(spec, np.random.default_rng(0))
     assert list(lay.columns) == ["core", "row", "col", "cx", "cy", "present"]
     assert lay["core"].tolist()[:5] == ["A-1", "A-2", "A-3", "A-4", "B-1"]
@@ -272,11 +346,22 @@ def test_slide_layout_labels_and_geometry():
 
 def test_write_synthetic_slide_pyramid(tmp_path):
     tiffslide = pytest.importorskip("tiffslide")
-    spec = SlideSpec(n_rows=3, n_cols=4, core_diameter_px=200, pitch_px=300, missing=("A-2", "C-3"),
-                     n_debris=4, margin_px=500, tile_size=256)
+    spec = SlideSpec(
+        n_rows=3,
+        n_cols=4,
+        core_diameter_px=200,
+        pitch_px=300,
+        missing=("A-2", "C-3"),
+        n_debris=4,
+        margin_px=500,
+        tile_size=256,
+    )
     images = {
-        core_label(r, c): render_core(CoreSpec(3, 1, False, size=216, cell_diameter_px=12), np.random.default_rng(r * 4 + c))
-        for r in range(3) for c in range(4)
+        core_label(r, c): render_core(
+            CoreSpec(3, 1, False, size=216, cell_diameter_px=12), np.random.default_rng(r * 4 + c)
+        )
+        for r in range(3)
+        for c in range(4)
     }
     path = tmp_path / "tma.tif"
     lay = write_synthetic_slide(path, spec, images, np.random.default_rng(4))

@@ -52,7 +52,9 @@ def test_pyramidal_tiff_opens_with_tiffslide(pyramid: Path, scene: sf.Scene) -> 
         assert r.level_count == 3
         assert r.dimensions == (scene.width, scene.height)
         assert r.level_dimensions[1] == (scene.width // 2, scene.height // 2)
-        assert r.level_downsamples[0] == 1.0 and r.level_downsamples[2] == pytest.approx(4, rel=0.01)
+        assert r.level_downsamples[0] == 1.0 and r.level_downsamples[2] == pytest.approx(
+            4, rel=0.01
+        )
         reg = r.read_region((100, 50), 0, (64, 32))
         assert reg.dtype == np.uint8 and reg.shape == (32, 64, 3)
         # lossless zlib: level 0 equals the rendered scene
@@ -139,7 +141,9 @@ def test_png_slide_uses_pil(png_slide: Path, scene: sf.Scene) -> None:
     with open_slide(png_slide) as r:
         assert isinstance(r, PILSlideReader)
         assert r.level_count == 1 and r.dimensions == (scene.width, scene.height)
-        np.testing.assert_array_equal(r.read_region((30, 40), 0, (25, 15)), sf.render(scene, 30, 40, 25, 15))
+        np.testing.assert_array_equal(
+            r.read_region((30, 40), 0, (25, 15)), sf.render(scene, 30, 40, 25, 15)
+        )
         reg = r.read_region((-3, -3), 0, (6, 6))
         assert np.all(reg[:3] == 255)
         thumb, ds = r.thumbnail(100)
@@ -190,7 +194,9 @@ def test_truncated_tiff(tmp_path: Path, pyramid: Path) -> None:
     assert "truncated.tif" in str(ei.value)
 
 
-@pytest.mark.parametrize("name,content", [("empty.tif", b""), ("junk.png", b"\x89PNG garbage"), ("odd.xyz", b"hello")])
+@pytest.mark.parametrize(
+    "name,content", [("empty.tif", b""), ("junk.png", b"\x89PNG garbage"), ("odd.xyz", b"hello")]
+)
 def test_corrupt_or_unsupported(tmp_path: Path, name: str, content: bytes) -> None:
     p = tmp_path / name
     p.write_bytes(content)
@@ -203,7 +209,9 @@ def test_openslide_fallback_when_tiffslide_rejects(
     tmp_path: Path, scene: sf.Scene, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = tmp_path / "generic.tif"
-    tifffile.imwrite(p, sf.render_full(scene), tile=(256, 256), photometric="rgb", compression="zlib")
+    tifffile.imwrite(
+        p, sf.render_full(scene), tile=(256, 256), photometric="rgb", compression="zlib"
+    )
 
     def reject(self: TiffSlideReader, path: Path) -> None:
         raise tifffile.TiffFileError("pretend tiffslide cannot read this")
@@ -211,7 +219,9 @@ def test_openslide_fallback_when_tiffslide_rejects(
     monkeypatch.setattr(TiffSlideReader, "__init__", reject)
     with open_slide(p) as r:
         assert isinstance(r, OpenSlideReader)
-        np.testing.assert_array_equal(r.read_region((10, 10), 0, (20, 20)), sf.render(scene, 10, 10, 20, 20))
+        np.testing.assert_array_equal(
+            r.read_region((10, 10), 0, (20, 20)), sf.render(scene, 10, 10, 20, 20)
+        )
         assert np.all(r.read_region((-4, 0), 0, (8, 8))[:, :4] == 255)
 
 

@@ -207,7 +207,13 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
         foreign = []
         for name in self.TARGETS:
             target = self._root / name
-            files = [target] if target.is_file() else sorted(target.rglob("*")) if target.is_dir() else []
+            files = (
+                [target]
+                if target.is_file()
+                else sorted(target.rglob("*"))
+                if target.is_dir()
+                else []
+            )
             for path in files:
                 if path.is_file() and path.relative_to(self._root).as_posix() not in ours:
                     foreign.append(str(path))
@@ -279,7 +285,10 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
         }
         self._marker.write_text(json.dumps(marker, indent=2))
         logger.info(
-            "Synthetic cohort written to %s: %d cores, %d slides.", self._root, n_cores, len(data.slides)
+            "Synthetic cohort written to %s: %d cores, %d slides.",
+            self._root,
+            n_cores,
+            len(data.slides),
         )
 
     def _exists(self) -> bool:
@@ -329,9 +338,13 @@ class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):
     """
 
     def __init__(
-        self, *, path: str, artifact_path: str | None = None, dpi: int = 120,
+        self,
+        *,
+        path: str,
+        artifact_path: str | None = None,
+        dpi: int = 120,
         metadata: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._path = Path(path)
         self._artifact_path = artifact_path
         self._dpi = dpi

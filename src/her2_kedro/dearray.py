@@ -406,7 +406,9 @@ def fit_grid(
     for k in np.nonzero(~ok)[0]:
         rejected.append(("off-grid", float(pts[k, 0]), float(pts[k, 1])))
     if not ok.any():
-        return DearrayResult([], [], rejected, math.degrees(theta), float(pitch), diameter, 0, 0, px, py)
+        return DearrayResult(
+            [], [], rejected, math.degrees(theta), float(pitch), diameter, 0, 0, px, py
+        )
 
     col0 = _best_window(iu[ok], w[ok], params.n_cols) if params.n_cols else int(iu[ok].min())
     row0 = _best_window(iv[ok], w[ok], params.n_rows) if params.n_rows else int(iv[ok].min())

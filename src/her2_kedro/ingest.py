@@ -120,7 +120,9 @@ def ingest_core_folder(
     if labels is None:
         if labels_error:
             problems.append(QCProblem("labels.csv", "", labels_error))
-        reason = "file without label: labels.csv is " + ("unreadable" if labels_error else "missing")
+        reason = "file without label: labels.csv is " + (
+            "unreadable" if labels_error else "missing"
+        )
         problems.extend(QCProblem(source, name, reason) for name in files)
         return SourceResult(_frame([]), problems)
 
@@ -176,16 +178,25 @@ def ingest_slides(
             continue
         except Exception as err:  # a slide the dearrayer cannot handle must not stop the others
             logger.exception("Dearraying %s failed", path)
-            problems.append(QCProblem(source, "", f"dearraying failed: {type(err).__name__}: {err}"))
+            problems.append(
+                QCProblem(source, "", f"dearraying failed: {type(err).__name__}: {err}")
+            )
             continue
         logger.info(
             "%s: %d cores on a %dx%d grid (rotation %.1f°), %d positions empty, %d blobs rejected",
-            name, len(result.cores), result.n_rows, result.n_cols, result.rotation_deg,
-            len(result.missing), len(result.rejected),
-        )  # fmt: skip
+            name,
+            len(result.cores),
+            result.n_rows,
+            result.n_cols,
+            result.rotation_deg,
+            len(result.missing),
+            len(result.rejected),
+        )
         for label in result.missing:
             problems.append(
-                QCProblem(source, f"{stem}_{label}", f"missing grid position {label}: no core found")
+                QCProblem(
+                    source, f"{stem}_{label}", f"missing grid position {label}: no core found"
+                )
             )
         for reason, x, y in _outside_cores(result, dearray):
             problems.append(QCProblem(source, "", f"{reason} at level-0 (x={x:.0f}, y={y:.0f})"))
@@ -254,12 +265,18 @@ def merge_sources(*results: SourceResult) -> tuple[pd.DataFrame, list[QCProblem]
         if row.content_hash in first_by_hash:
             original = first_by_hash[row.content_hash]
             problems.append(
-                QCProblem(row.source, row.filename or row.core_id, f"duplicate image: same pixels as {original}")
+                QCProblem(
+                    row.source,
+                    row.filename or row.core_id,
+                    f"duplicate image: same pixels as {original}",
+                )
             )
             keep[i] = False
         elif row.core_id in first_by_id:
             problems.append(
-                QCProblem(row.source, row.filename or row.core_id, f"duplicate core id {row.core_id}")
+                QCProblem(
+                    row.source, row.filename or row.core_id, f"duplicate core id {row.core_id}"
+                )
             )
             keep[i] = False
         else:

@@ -65,7 +65,9 @@ def reference_tiles(
         rgb = decode_rgb(_loader(cores, row.image)())
         index = tile_index(rgb, row.core_id, rule)
         best = index.sort_values("tissue_fraction", ascending=False).head(tiles_per_core)
-        tiles.extend(read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples())
+        tiles.extend(
+            read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples()
+        )
     return tiles
 
 
@@ -101,7 +103,9 @@ def preprocess_cores(
     """Tile index and intensity features of every core; normalised first where its cohort asks."""
     normalise_cohorts = set(normalise_cohorts)
     result = PreprocessResult()
-    for row in tqdm(manifest.itertuples(index=False), total=len(manifest), desc="preprocessing cores"):
+    for row in tqdm(
+        manifest.itertuples(index=False), total=len(manifest), desc="preprocessing cores"
+    ):
         rgb = decode_rgb(_loader(cores, row.image)())
         if reference is not None and row.cohort in normalise_cohorts:
             try:

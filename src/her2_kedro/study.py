@@ -54,7 +54,9 @@ def task_frame(
     """Rows ``core_id, split, five_class, y`` plus the features; cores without features are reported."""
     missing = [f for f in feature_names if f not in features.columns]
     if missing:
-        raise KeyError(f"features {missing} not in the feature table (columns: {list(features.columns)})")
+        raise KeyError(
+            f"features {missing} not in the feature table (columns: {list(features.columns)})"
+        )
     table = manifest[["core_id", "split", "cohort", "five_class", task.target]].merge(
         features[["core_id", *feature_names]], on="core_id", how="left"
     )

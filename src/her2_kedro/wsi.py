@@ -481,9 +481,7 @@ def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:
 
     suffix = path.suffix.lower()
     if suffix in PIL_SUFFIXES:
-        attempts: list[Callable[[], BaseSlideReader]] = [
-            lambda: PILSlideReader(path, max_pixels)
-        ]
+        attempts: list[Callable[[], BaseSlideReader]] = [lambda: PILSlideReader(path, max_pixels)]
         names = ["PIL"]
     elif suffix in TIFF_SUFFIXES or _is_tiff(path):
         attempts = [lambda: TiffSlideReader(path), lambda: OpenSlideReader(path)]

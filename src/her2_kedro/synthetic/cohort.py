@@ -43,9 +43,20 @@ DEFAULT_ARTEFACT_RATES: dict[str, float] = {"tear": 0.1, "fold": 0.1, "partial":
 _SCORE = {"0": 0, "1": 1, "2-": 2, "2+": 2, "3": 3}
 _STATUS = {"0": 0, "1": 0, "2-": 0, "2+": 1, "3": 1}
 COLUMNS: tuple[str, ...] = (
-    "filename", "patient_id", "ihc-score", "her2-status", "cohort", "status_cue",
-    "tear", "fold", "partial", "blur_sigma", "jpeg_quality",
-    "dab_gain", "tumour_fraction", "focal",
+    "filename",
+    "patient_id",
+    "ihc-score",
+    "her2-status",
+    "cohort",
+    "status_cue",
+    "tear",
+    "fold",
+    "partial",
+    "blur_sigma",
+    "jpeg_quality",
+    "dab_gain",
+    "tumour_fraction",
+    "focal",
 )
 
 
@@ -84,12 +95,18 @@ def sample_cohort(
         raise ValueError("n_patients must be >= 1")
     if not 0.0 <= external_fraction <= 1.0 or not 0.0 <= status_cue_strength <= 1.0:
         raise ValueError("external_fraction and status_cue_strength must lie in [0, 1]")
-    lo, hi = (cores_per_patient, cores_per_patient) if isinstance(cores_per_patient, int) else cores_per_patient
+    lo, hi = (
+        (cores_per_patient, cores_per_patient)
+        if isinstance(cores_per_patient, int)
+        else cores_per_patient
+    )
     if lo < 1 or hi < lo:
         raise ValueError(f"bad cores_per_patient: {cores_per_patient}")
     tf_lo, tf_hi = (float(v) for v in tumour_fraction_range)
     if not dab_gain_sd >= 0 or not 0.0 <= tf_lo <= tf_hi <= 1.0 or not 0.0 <= focal_rate <= 1.0:
-        raise ValueError("need dab_gain_sd >= 0, 0 <= tumour_fraction_range[0] <= [1] <= 1 and focal_rate in [0, 1]")
+        raise ValueError(
+            "need dab_gain_sd >= 0, 0 <= tumour_fraction_range[0] <= [1] <= 1 and focal_rate in [0, 1]"
+        )
     rates = dict(DEFAULT_ARTEFACT_RATES)
     if artefact_rates is not None:
         rates.update({k: float(v) for k, v in artefact_rates.items()})
@@ -110,18 +127,20 @@ def sample_cohort(
         cue = bool(cue_u[i] < (status_cue_strength if status == 1 else 1.0 - status_cue_strength))
         for _ in range(int(n_cores[i])):
             blur = bool(rng.random() < rates.get("blur", 0.0))
-            rows.append({
-                "patient_id": f"P{patient_ids[i]:05d}",
-                "ihc-score": _SCORE[cls],
-                "her2-status": status,
-                "cohort": "external" if external[i] else "internal",
-                "status_cue": cue,
-                "tear": bool(rng.random() < rates.get("tear", 0.0)),
-                "fold": bool(rng.random() < rates.get("fold", 0.0)),
-                "partial": bool(rng.random() < rates.get("partial", 0.0)),
-                "blur_sigma": float(rng.uniform(1.0, 3.0)) if blur else 0.0,
-                "jpeg_quality": int(rng.integers(70, 96)),
-            })
+            rows.append(
+                {
+                    "patient_id": f"P{patient_ids[i]:05d}",
+                    "ihc-score": _SCORE[cls],
+                    "her2-status": status,
+                    "cohort": "external" if external[i] else "internal",
+                    "status_cue": cue,
+                    "tear": bool(rng.random() < rates.get("tear", 0.0)),
+                    "fold": bool(rng.random() < rates.get("fold", 0.0)),
+                    "partial": bool(rng.random() < rates.get("partial", 0.0)),
+                    "blur_sigma": float(rng.uniform(1.0, 3.0)) if blur else 0.0,
+                    "jpeg_quality": int(rng.integers(70, 96)),
+                }
+            )
     order = rng.permutation(len(rows))  # shuffle so row order (and file number) hides the class
     table = pd.DataFrame([rows[j] for j in order])
     table.insert(0, "filename", [f"core_{k:05d}.jpg" for k in range(len(table))])
@@ -129,7 +148,9 @@ def sample_cohort(
     table["dab_gain"] = np.exp(nuisance.normal(0.0, float(dab_gain_sd), len(table)))
     table["tumour_fraction"] = nuisance.uniform(tf_lo, tf_hi, len(table))
     table["focal"] = nuisance.random(len(table)) < float(focal_rate)
-    table = table.astype({"ihc-score": int, "her2-status": int, "jpeg_quality": int, "blur_sigma": float})
+    table = table.astype(
+        {"ihc-score": int, "her2-status": int, "jpeg_quality": int, "blur_sigma": float}
+    )
     return table.loc[:, list(COLUMNS)]
 
 
@@ -167,7 +188,9 @@ def row_seed(seed: int, row_index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(row_index)])
 
 
-def render_cohort(table: pd.DataFrame, size: int, cell_diameter_px: float, seed: int) -> Iterator[tuple[str, bytes]]:
+def render_cohort(
+    table: pd.DataFrame, size: int, cell_diameter_px: float, seed: int
+) -> Iterator[tuple[str, bytes]]:
     """Lazily yield (filename, JPEG bytes) for each row of a cohort table, one core at a time."""
     for i, row in enumerate(table.to_dict("records")):
         spec = core_spec_from_row(row, size, cell_diameter_px)

@@ -65,14 +65,18 @@ def render_optical_density(
     conc_h = np.asarray(conc_h, dtype=np.float32)
     conc_dab = np.asarray(conc_dab, dtype=np.float32)
     if conc_h.shape != conc_dab.shape or conc_h.ndim != 2:
-        raise ValueError(f"concentration maps must be equal 2-D shapes, got {conc_h.shape}, {conc_dab.shape}")
+        raise ValueError(
+            f"concentration maps must be equal 2-D shapes, got {conc_h.shape}, {conc_dab.shape}"
+        )
     out = np.empty(conc_h.shape + (3,), dtype=np.uint8)
     h_vec = np.asarray(stains.haematoxylin, dtype=np.float32)
     d_vec = np.asarray(stains.dab, dtype=np.float32) * np.float32(stains.dab_scale)
     for c in range(3):
         od = conc_h * h_vec[c] + conc_dab * d_vec[c]
         if extra_od is not None:
-            od = od + (extra_od if extra_od.ndim == 2 else extra_od[..., c]).astype(np.float32, copy=False)
+            od = od + (extra_od if extra_od.ndim == 2 else extra_od[..., c]).astype(
+                np.float32, copy=False
+            )
         np.negative(od, out=od)
         np.exp(od, out=od)
         od *= np.float32(stains.background_rgb[c])

@@ -102,12 +102,18 @@ def slide_layout(spec: SlideSpec, rng: np.random.Generator) -> pd.DataFrame:
     x = (cc.ravel() - (spec.n_cols - 1) / 2.0) * spec.pitch_px
     y = (rr.ravel() - (spec.n_rows - 1) / 2.0) * spec.pitch_px
     a = np.deg2rad(spec.rotation_deg)
-    jit = np.clip(rng.normal(0.0, spec.jitter_px, (2, x.size)), -2 * spec.jitter_px, 2 * spec.jitter_px)
+    jit = np.clip(
+        rng.normal(0.0, spec.jitter_px, (2, x.size)), -2 * spec.jitter_px, 2 * spec.jitter_px
+    )
     cx = w / 2.0 + np.cos(a) * x - np.sin(a) * y + jit[0]
     cy = h / 2.0 + np.sin(a) * x + np.cos(a) * y + jit[1]
     present = np.array([lab not in spec.missing for lab in labels])
     if spec.n_touching > 0 and spec.n_cols > 1:
-        pairs = [(r * spec.n_cols + c, r * spec.n_cols + c + 1) for r in range(spec.n_rows) for c in range(spec.n_cols - 1)]
+        pairs = [
+            (r * spec.n_cols + c, r * spec.n_cols + c + 1)
+            for r in range(spec.n_rows)
+            for c in range(spec.n_cols - 1)
+        ]
         pairs = [p for p in pairs if present[p[0]] and present[p[1]]]
         for k in rng.permutation(len(pairs))[: spec.n_touching]:
             i, j = pairs[k]
@@ -116,14 +122,16 @@ def slide_layout(spec: SlideSpec, rng: np.random.Generator) -> pd.DataFrame:
             shift = (dist - spec.core_diameter_px * 0.98) / dist
             cx[j] -= dx * shift
             cy[j] -= dy * shift
-    return pd.DataFrame({
-        "core": labels,
-        "row": rr.ravel().astype(int),
-        "col": cc.ravel().astype(int),
-        "cx": cx,
-        "cy": cy,
-        "present": present,
-    })
+    return pd.DataFrame(
+        {
+            "core": labels,
+            "row": rr.ravel().astype(int),
+            "col": cc.ravel().astype(int),
+            "cx": cx,
+            "cy": cy,
+            "present": present,
+        }
+    )
 
 
 @dataclass
@@ -167,7 +175,14 @@ def _core_sprite(rgb: np.ndarray, cx: float, cy: float, side0: int, n_levels: in
     stored: list[bytes] = []
     for level in range(n_levels):
         side = max(1, int(round(side0 / 2**level)))
-        resized = im if im.size == (side, side) else im.resize((side, side), Image.Resampling.LANCZOS if side < im.size[0] else Image.Resampling.BILINEAR)
+        resized = (
+            im
+            if im.size == (side, side)
+            else im.resize(
+                (side, side),
+                Image.Resampling.LANCZOS if side < im.size[0] else Image.Resampling.BILINEAR,
+            )
+        )
         stored.append(_jpeg(np.asarray(resized)))
 
     def pixels(level: int) -> np.ndarray:
@@ -182,16 +197,30 @@ def _debris_sprite(rng: np.random.Generator, cx: float, cy: float, radius: float
     harmonics = rng.normal(0.0, 0.18, 4)
     phases = rng.uniform(0, 2 * np.pi, 4)
     dark = rng.random() < 0.6
-    colour = np.array((70, 52, 40) if dark else (150, 150, 200), dtype=np.float32) * rng.uniform(0.85, 1.15)
+    colour = np.array((70, 52, 40) if dark else (150, 150, 200), dtype=np.float32) * rng.uniform(
+        0.85, 1.15
+    )
 
     def pixels(level: int) -> np.ndarray:
         side = max(1, int(round(side0 / 2**level)))
         yy, xx = np.mgrid[:side, :side].astype(np.float32) + 0.5 - side / 2.0
         ang = np.arctan2(yy, xx)
-        rad = radius / 2**level * (1.0 + sum(h * np.cos((k + 2) * ang + p) for k, (h, p) in enumerate(zip(harmonics, phases, strict=True))))
+        rad = (
+            radius
+            / 2**level
+            * (
+                1.0
+                + sum(
+                    h * np.cos((k + 2) * ang + p)
+                    for k, (h, p) in enumerate(zip(harmonics, phases, strict=True))
+                )
+            )
+        )
         inside = np.clip(rad - np.hypot(yy, xx) + 0.5, 0.0, 1.0)[..., None]
         glass = np.array(GLASS_RGB, dtype=np.float32)
-        return np.clip(glass * (1 - inside) + np.clip(colour, 0, 255) * inside, 0, 255).astype(np.uint8)
+        return np.clip(glass * (1 - inside) + np.clip(colour, 0, 255) * inside, 0, 255).astype(
+            np.uint8
+        )
 
     return _Sprite(cx, cy, side0, pixels)
 
@@ -206,7 +235,13 @@ def _n_levels(width: int, height: int) -> int:
 
 
 def _level_tiles(
-    sprites: list[_Sprite], level: int, width: int, height: int, tile: int, noise: np.ndarray, glass_grey: float
+    sprites: list[_Sprite],
+    level: int,
+    width: int,
+    height: int,
+    tile: int,
+    noise: np.ndarray,
+    glass_grey: float,
 ) -> Iterator[np.ndarray]:
     """Yield the level's tiles in row-major order, painting one tile row (strip) at a time."""
     n_tx = -(-width // tile)
@@ -230,21 +265,23 @@ def _level_tiles(
             if i not in cache:
                 rgb = sprites[i].pixels(level)
                 if rgb.shape[0] != side:
-                    rgb = np.asarray(Image.fromarray(rgb).resize((side, side), Image.Resampling.BILINEAR))
+                    rgb = np.asarray(
+                        Image.fromarray(rgb).resize((side, side), Image.Resampling.BILINEAR)
+                    )
                 cache[i] = (rgb, _alpha(rgb, glass_grey))
             rgb, alpha = cache[i]
             sy0, sy1 = max(y0, by), min(y1, by + side)
             sx0, sx1 = max(0, bx), min(strip_w, bx + side)
             if sy0 >= sy1 or sx0 >= sx1:
                 continue
-            src = rgb[sy0 - by:sy1 - by, sx0 - bx:sx1 - bx].astype(np.float32)
-            a = alpha[sy0 - by:sy1 - by, sx0 - bx:sx1 - bx, None]
-            dst = strip[sy0 - y0:sy1 - y0, sx0:sx1]
+            src = rgb[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx].astype(np.float32)
+            a = alpha[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx, None]
+            dst = strip[sy0 - y0 : sy1 - y0, sx0:sx1]
             dst[...] = (dst * (1.0 - a) + src * a + 0.5).astype(np.uint8)
         if y1 > height:  # rows below the image: glass (tifffile crops them)
-            strip[height - y0:] = glass.astype(np.uint8)
+            strip[height - y0 :] = glass.astype(np.uint8)
         for x0 in range(0, strip_w, tile):
-            yield strip[:, x0:x0 + tile]
+            yield strip[:, x0 : x0 + tile]
 
 
 def write_synthetic_slide(
@@ -274,8 +311,13 @@ def write_synthetic_slide(
     for _ in range(spec.n_debris * 200):
         if placed >= spec.n_debris:
             break
-        radius = float(np.exp(rng.uniform(np.log(3.0), np.log(max(4.0, spec.core_diameter_px * 0.04)))))
-        x, y = rng.uniform(radius * 2, width - radius * 2), rng.uniform(radius * 2, height - radius * 2)
+        radius = float(
+            np.exp(rng.uniform(np.log(3.0), np.log(max(4.0, spec.core_diameter_px * 0.04))))
+        )
+        x, y = (
+            rng.uniform(radius * 2, width - radius * 2),
+            rng.uniform(radius * 2, height - radius * 2),
+        )
         if np.min(np.hypot(centres[:, 0] - x, centres[:, 1] - y)) < keep_out + 2 * radius:
             continue
         sprites.append(_debris_sprite(rng, x, y, radius))
@@ -311,7 +353,9 @@ def write_synthetic_slide(
                 subfiletype=0 if level == 0 else 1,
                 resolution=(res / f, res / f),
                 resolutionunit="CENTIMETER",
-                description=f"her2_kedro synthetic TMA slide {spec.n_rows}x{spec.n_cols}" if level == 0 else None,
+                description=f"her2_kedro synthetic TMA slide {spec.n_rows}x{spec.n_cols}"
+                if level == 0
+                else None,
                 metadata=None,
             )
     return layout

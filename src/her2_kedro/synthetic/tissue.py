@@ -120,7 +120,9 @@ class _Field:
     def __init__(self, rng: np.random.Generator, size: int, corr_px: float) -> None:
         self.spacing = max(1.0, corr_px / 3.0)
         n = int(np.ceil(size / self.spacing)) + 4
-        grid = ndimage.gaussian_filter(rng.standard_normal((n, n)).astype(np.float32), 1.5, mode="wrap")
+        grid = ndimage.gaussian_filter(
+            rng.standard_normal((n, n)).astype(np.float32), 1.5, mode="wrap"
+        )
         grid -= grid.mean()
         grid /= grid.std() + 1e-6
         self.grid = grid.astype(np.float32)
@@ -230,9 +232,13 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     gain = float(np.exp(rng.normal(0.0, DAB_GAIN_SD)))
     tumour_fraction = float(rng.uniform(*TUMOUR_FRACTION_RANGE))
     focal = bool(rng.random() < FOCAL_RATE)
-    lumen_ratio = float(rng.uniform(0.1, 0.4)) if rng.random() < 0.8 else 0.0  # lumen / epithelium area
+    lumen_ratio = (
+        float(rng.uniform(0.1, 0.4)) if rng.random() < 0.8 else 0.0
+    )  # lumen / epithelium area
     gain = gain if spec.dab_gain is None else float(spec.dab_gain)
-    tumour_fraction = tumour_fraction if spec.tumour_fraction is None else float(spec.tumour_fraction)
+    tumour_fraction = (
+        tumour_fraction if spec.tumour_fraction is None else float(spec.tumour_fraction)
+    )
     focal = focal if spec.focal is None else bool(spec.focal)
 
     ny = int(np.ceil(size / d)) + 2
@@ -253,7 +259,9 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     g_in = g_seed[sel]
     t_epi = float(np.quantile(g_in, 1.0 - lumen_share - epi_share)) if epi_share > 0 else 9.0
     deep = a_seed[sel][g_in > t_epi + _LUMEN_DEPTH]
-    k_lumen = min(int(round(lumen_share * g_in.size)), int(0.35 * deep.size))  # at most 35 % of the deep part
+    k_lumen = min(
+        int(round(lumen_share * g_in.size)), int(0.35 * deep.size)
+    )  # at most 35 % of the deep part
     t_lumen = float(np.sort(deep)[-k_lumen]) if k_lumen > 0 else 9.0
     in_lumen = (a_seed >= t_lumen) & (g_seed > t_epi + _LUMEN_DEPTH)
     n = g_seed.size
@@ -271,9 +279,17 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     pleo = 0.16 if cue else 0.07
     scale = np.exp(rng.normal(0.0, pleo, n) - pleo**2)
     na = np.where(kind == 1, 0.30 * d * k_area * scale, np.where(kind == 2, 0.34 * d, 0.13 * d))
-    nb = np.where(kind == 1, 0.21 * d * k_area * scale * rng.uniform(0.8, 1.05, n), np.where(kind == 2, 0.075 * d, 0.12 * d))
+    nb = np.where(
+        kind == 1,
+        0.21 * d * k_area * scale * rng.uniform(0.8, 1.05, n),
+        np.where(kind == 2, 0.075 * d, 0.12 * d),
+    )
     theta = np.where(kind == 2, fibre_angle + rng.normal(0, 0.25, n), theta)
-    nh = np.where(kind == 1, (0.62 if not cue else 0.90) * rng.uniform(0.85, 1.15, n), np.where(kind == 2, 0.85, 1.25))
+    nh = np.where(
+        kind == 1,
+        (0.62 if not cue else 0.90) * rng.uniform(0.85, 1.15, n),
+        np.where(kind == 2, 0.85, 1.25),
+    )
     nirr = np.where(kind == 1, 0.22 if cue else 0.06, 0.03)
     off = 0.06 * d
     noy, nox = rng.uniform(-off, off, n), rng.uniform(-off, off, n)
@@ -292,11 +308,17 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     start = 0
     for cat in _CATEGORY_ORDER:
         k = int(round(fractions.get(cat, 0.0) * tumour.size))
-        category[order[start:start + k]] = cat
+        category[order[start : start + k]] = cat
         start += k
     med, sd, cyto_k, width_k, partial_k = (np.zeros(5) for _ in range(5))
     for cat, (m, s_, c, w, pm) in _CATEGORY.items():
-        med[cat], sd[cat], cyto_k[cat], width_k[cat], partial_k[cat] = m * core_k[cat], s_, c, w, float(pm)
+        med[cat], sd[cat], cyto_k[cat], width_k[cat], partial_k[cat] = (
+            m * core_k[cat],
+            s_,
+            c,
+            w,
+            float(pm),
+        )
     width_k[0] = 1.0
     dab = gain * med[category] * np.exp(sd[category] * cell_noise)
     partial_mem = partial_k[category]
@@ -308,25 +330,73 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
             cuts.append(("chord", (np.cos(phi), np.sin(phi), radius * rng.uniform(0.2, 0.55))))
         else:
             r_b = radius * rng.uniform(0.4, 0.65)
-            cuts.append(("bite", (centre + radius * np.cos(phi), centre + radius * np.sin(phi), r_b)))
+            cuts.append(
+                ("bite", (centre + radius * np.cos(phi), centre + radius * np.sin(phi), r_b))
+            )
     if spec.tear:
         phi = rng.uniform(0, np.pi)
-        cuts.append(("tear", (np.cos(phi), np.sin(phi), rng.uniform(-0.3, 0.3) * radius, max(1.0, d * rng.uniform(0.08, 0.2)))))
+        cuts.append(
+            (
+                "tear",
+                (
+                    np.cos(phi),
+                    np.sin(phi),
+                    rng.uniform(-0.3, 0.3) * radius,
+                    max(1.0, d * rng.uniform(0.08, 0.2)),
+                ),
+            )
+        )
     if spec.fold:
         phi = rng.uniform(0, np.pi)
-        cuts.append(("fold", (np.cos(phi), np.sin(phi), rng.uniform(-0.5, 0.5) * radius, radius * rng.uniform(0.05, 0.12))))
+        cuts.append(
+            (
+                "fold",
+                (
+                    np.cos(phi),
+                    np.sin(phi),
+                    rng.uniform(-0.5, 0.5) * radius,
+                    radius * rng.uniform(0.05, 0.12),
+                ),
+            )
+        )
 
     f32 = np.float32
     return _Plan(
-        size=size, d=d, centre=centre, radius=radius,
-        f_arch=f_arch, f_big=f_big, f_rim=f_rim, f_low=f_low, f_mid=f_mid, f_fine=f_fine, f_patch=f_patch, f_warp=f_warp,
-        t_epi=t_epi, t_lumen=t_lumen, fibre_angle=fibre_angle,
-        sy=sy, sx=sx, kind=kind,
-        na=na.astype(f32), nb=nb.astype(f32), ncos=np.cos(theta).astype(f32), nsin=np.sin(theta).astype(f32),
-        noy=noy.astype(f32), nox=nox.astype(f32), nh=nh.astype(f32), nirr=nirr.astype(f32),
-        category=category, dab=dab.astype(f32), cyto=(dab * cyto_k[category]).astype(f32),
-        width=(max(0.7, 0.05 * d) * width_k[category]).astype(f32), partial_mem=partial_mem.astype(f32),
-        any_partial=bool(partial_mem.any()), dab_gain=gain, tumour_fraction=tumour_fraction, focal=focal,
+        size=size,
+        d=d,
+        centre=centre,
+        radius=radius,
+        f_arch=f_arch,
+        f_big=f_big,
+        f_rim=f_rim,
+        f_low=f_low,
+        f_mid=f_mid,
+        f_fine=f_fine,
+        f_patch=f_patch,
+        f_warp=f_warp,
+        t_epi=t_epi,
+        t_lumen=t_lumen,
+        fibre_angle=fibre_angle,
+        sy=sy,
+        sx=sx,
+        kind=kind,
+        na=na.astype(f32),
+        nb=nb.astype(f32),
+        ncos=np.cos(theta).astype(f32),
+        nsin=np.sin(theta).astype(f32),
+        noy=noy.astype(f32),
+        nox=nox.astype(f32),
+        nh=nh.astype(f32),
+        nirr=nirr.astype(f32),
+        category=category,
+        dab=dab.astype(f32),
+        cyto=(dab * cyto_k[category]).astype(f32),
+        width=(max(0.7, 0.05 * d) * width_k[category]).astype(f32),
+        partial_mem=partial_mem.astype(f32),
+        any_partial=bool(partial_mem.any()),
+        dab_gain=gain,
+        tumour_fraction=tumour_fraction,
+        focal=focal,
         cuts=cuts,
     )
 
@@ -408,14 +478,16 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
     tum = kind == 1
     nuc *= np.where(tum, epi, stroma)
     fine = p.f_fine.rows(y0, y1, w)
-    chromatin = np.clip(0.8 + 0.35 * fine + 0.3 * np.exp(-((rn - 0.88) / 0.12) ** 2), 0.3, 2.0)
+    chromatin = np.clip(0.8 + 0.35 * fine + 0.3 * np.exp(-(((rn - 0.88) / 0.12) ** 2)), 0.3, 2.0)
     del rn, nb_px
     nuc_h = nuc * p.nh[lab] * chromatin
 
     # Stroma fibres: wavy parallel fibres with a slowly varying phase.
     low = p.f_low.rows(y0, y1, w)
     ca, sa = np.float32(np.cos(p.fibre_angle)), np.float32(np.sin(p.fibre_angle))
-    phase = (xx * -sa + yy * ca) * np.float32(2 * np.pi / (0.32 * p.d)) + np.float32(6.0) * p.f_warp.rows(y0, y1, w)
+    phase = (xx * -sa + yy * ca) * np.float32(2 * np.pi / (0.32 * p.d)) + np.float32(
+        6.0
+    ) * p.f_warp.rows(y0, y1, w)
     fib = (0.5 + 0.5 * np.sin(phase)) ** 3
     del phase
     stroma_h = (0.14 + 0.025 * low) * (0.8 + 0.3 * fib + 0.1 * fine)
@@ -461,5 +533,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError("expected an (H, W, 3) uint8 image")
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2)
+    Image.fromarray(rgb).save(
+        buf, format="JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2
+    )
     return buf.getvalue()

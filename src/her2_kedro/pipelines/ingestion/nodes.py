@@ -30,14 +30,18 @@ def _checks(params: IngestionParams) -> ImageCheckParams:
 
 
 def _problem_frame(problems: list[QCProblem]) -> pd.DataFrame:
-    return pd.DataFrame([(p.source, p.core_id, p.reason) for p in problems], columns=PROBLEM_COLUMNS)
+    return pd.DataFrame(
+        [(p.source, p.core_id, p.reason) for p in problems], columns=PROBLEM_COLUMNS
+    )
 
 
 def ingest_core_folder(
     core_files: dict[str, Path], labels: LabelTable, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, ingest.Payloads]:
     """Accepted cores of the cores folder, their problems, and lazy writers of their images."""
-    result = ingest.ingest_core_folder(core_files, labels.frame, labels.error, _checks(_params(params)))
+    result = ingest.ingest_core_folder(
+        core_files, labels.frame, labels.error, _checks(_params(params))
+    )
     return result.records, _problem_frame(result.problems), result.payloads
 
 
@@ -60,9 +64,14 @@ def ingest_slides(
         margin=d.margin,
     )
     result = ingest.ingest_slides(
-        slide_files, slide_map.frame, slide_map.error, dearray, _checks(p),
-        jpeg_quality=d.jpeg_quality, max_slide_pixels=d.max_slide_pixels,
-    )  # fmt: skip
+        slide_files,
+        slide_map.frame,
+        slide_map.error,
+        dearray,
+        _checks(p),
+        jpeg_quality=d.jpeg_quality,
+        max_slide_pixels=d.max_slide_pixels,
+    )
     return result.records, _problem_frame(result.problems), result.payloads
 
 

@@ -54,9 +54,12 @@ def fit_model(
 
 
 def evaluate_model(
-    model_json: str, table: pd.DataFrame, selection: pd.DataFrame,
-    task: dict[str, Any], model: dict[str, Any],
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict[str, Figure], dict]:  # fmt: skip
+    model_json: str,
+    table: pd.DataFrame,
+    selection: pd.DataFrame,
+    task: dict[str, Any],
+    model: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict[str, Figure], dict]:
     """Predictions, metric rows per split, report tables and figures, and the MLflow metrics."""
     m = IntensityModelConfig.model_validate(model)
     t = _task(task)
@@ -85,8 +88,12 @@ def evaluate_model(
     for row in metrics.itertuples(index=False):
         logger.info(
             "%s / %s / %s: balanced accuracy %.4f (n=%d)",
-            m.name, t.name, row.split, row.balanced_accuracy, row.n,
-        )  # fmt: skip
+            m.name,
+            t.name,
+            row.split,
+            row.balanced_accuracy,
+            row.n,
+        )
     return predictions, metrics, tables, figures, mlflow_metrics
 
 
@@ -104,8 +111,12 @@ def collect_reports(
         keys = set(zip(predictions["model"], predictions["task"], strict=True))
         stale = [
             (m, t) in keys
-            for m, t in zip(previous_predictions["model"], previous_predictions["task"], strict=True)
+            for m, t in zip(
+                previous_predictions["model"], previous_predictions["task"], strict=True
+            )
         ]
-        previous_predictions = previous_predictions[~pd.Series(stale, index=previous_predictions.index)]
+        previous_predictions = previous_predictions[
+            ~pd.Series(stale, index=previous_predictions.index)
+        ]
         predictions = pd.concat([previous_predictions, predictions], ignore_index=True)
     return all_metrics, predictions

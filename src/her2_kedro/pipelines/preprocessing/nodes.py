@@ -31,7 +31,9 @@ def _rule(p: PreprocessingParams) -> TileRule:
 
 def _reference_cores(manifest: pd.DataFrame, p: PreprocessingParams) -> pd.DataFrame:
     s = p.stain_normalisation
-    keep = manifest["split"].isin(s.reference_splits) & ~manifest["cohort"].isin(s.normalise_cohorts)
+    keep = manifest["split"].isin(s.reference_splits) & ~manifest["cohort"].isin(
+        s.normalise_cohorts
+    )
     return manifest[keep]
 
 
@@ -88,19 +90,26 @@ def compute_features(
         p.stain_normalisation.normalise_cohorts,
     )
     tiles = (
-        pd.concat(result.tiles, ignore_index=True) if result.tiles else pd.DataFrame(columns=TILE_COLUMNS)
+        pd.concat(result.tiles, ignore_index=True)
+        if result.tiles
+        else pd.DataFrame(columns=TILE_COLUMNS)
     )
     features = pd.DataFrame(result.features)
     if features.empty:
         features = pd.DataFrame(columns=["core_id", *INTENSITY_PLUS_FEATURES, "normalised"])
     paper = features[["core_id", *PAPER_FEATURES]]
-    plus = features[["core_id", *INTENSITY_PLUS_FEATURES, "n_tiles", "tissue_fraction", "normalised"]]
+    plus = features[
+        ["core_id", *INTENSITY_PLUS_FEATURES, "n_tiles", "tissue_fraction", "normalised"]
+    ]
     problems = pd.DataFrame(
         [(q.source, q.core_id, q.reason) for q in result.problems],
         columns=["source", "core_id", "reason"],
     )
     logger.info(
-        "Preprocessed %d cores: %d tiles kept, %d problems.", len(features), len(tiles), len(problems)
+        "Preprocessed %d cores: %d tiles kept, %d problems.",
+        len(features),
+        len(tiles),
+        len(problems),
     )
     return tiles, paper, plus, problems
 
@@ -124,5 +133,11 @@ def normalisation_preview(
     )
     if not before:
         return {}
-    which = "cohorts " + ", ".join(s.normalise_cohorts) if len(marked) else "all cohorts (none marked)"
-    return {"stain_normalisation_preview": preview_figure(before, after, f"Macenko normalisation: {which}")}
+    which = (
+        "cohorts " + ", ".join(s.normalise_cohorts) if len(marked) else "all cohorts (none marked)"
+    )
+    return {
+        "stain_normalisation_preview": preview_figure(
+            before, after, f"Macenko normalisation: {which}"
+        )
+    }

@@ -17,7 +17,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.compute_features,
-                inputs=["core_manifest", "accepted_cores", "reference_stains", "params:preprocessing"],
+                inputs=[
+                    "core_manifest",
+                    "accepted_cores",
+                    "reference_stains",
+                    "params:preprocessing",
+                ],
                 outputs=[
                     "tile_index",
                     "intensity_features",
@@ -28,7 +33,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.normalisation_preview,
-                inputs=["core_manifest", "accepted_cores", "reference_stains", "params:preprocessing"],
+                inputs=[
+                    "core_manifest",
+                    "accepted_cores",
+                    "reference_stains",
+                    "params:preprocessing",
+                ],
                 outputs="stain_normalisation_figures",
                 name="stain_normalisation_preview",
             ),

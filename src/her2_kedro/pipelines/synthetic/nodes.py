@@ -61,7 +61,9 @@ def plan_slides(params: dict[str, Any]) -> pd.DataFrame:
             artefact_rates={"tear": 0.0, "fold": 0.0, "partial": 0.0, "blur": 0.0},
         )
         cores["patient_id"] = [f"tma{index + 1:02d}_{pid}" for pid in cores["patient_id"]]
-        rows.append(pd.concat([present.reset_index(drop=True), cores.reset_index(drop=True)], axis=1))
+        rows.append(
+            pd.concat([present.reset_index(drop=True), cores.reset_index(drop=True)], axis=1)
+        )
     if not rows:
         return pd.DataFrame(columns=[*SLIDE_MAP_COLUMNS, "status_cue"])
     return pd.concat(rows, ignore_index=True)
@@ -92,7 +94,9 @@ def render_synthetic_cohort(
     p = _params(params)
 
     def cores():
-        return render_cohort(core_table, size=p.core_size, cell_diameter_px=p.cell_diameter_px, seed=p.seed)
+        return render_cohort(
+            core_table, size=p.core_size, cell_diameter_px=p.cell_diameter_px, seed=p.seed
+        )
 
     slides = {}
     for index, (name, plan) in enumerate(slide_plan.groupby("slide", sort=True)):
@@ -115,7 +119,9 @@ def _slide_writer(p: SyntheticParams, plan: pd.DataFrame, index: int):
     def core_image(label: str) -> np.ndarray:
         row = plan.set_index("core").loc[label].to_dict()
         spec = core_spec_from_row(row, size=core_size, cell_diameter_px=p.cell_diameter_px)
-        return render_core(spec, np.random.default_rng([p.seed, 2000 + index, zlib.crc32(label.encode())]))
+        return render_core(
+            spec, np.random.default_rng([p.seed, 2000 + index, zlib.crc32(label.encode())])
+        )
 
     def write(path: Path) -> None:
         missing = tuple(sorted(set(_all_labels(s.n_rows, s.n_cols)) - set(plan["core"])))
