@@ -326,3 +326,17 @@ def test_png_missing_iend_is_truncated() -> None:
 
 def test_trailing_bytes_after_image_accepted() -> None:
     assert check(encode(make_core(), "JPEG") + b"trailer").ok
+
+
+def test_importing_histomicstk_keeps_pillows_bomb_guard() -> None:
+    # HistomicsTK and large_image switch the guard off at import; the project puts it back.
+    import subprocess
+    import sys
+
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+        "import her2_kedro.normalisation, her2_kedro.stain; "
+        "her2_kedro.stain.stain_matrix('histomicstk_hdab'); "
+        "assert Image.MAX_IMAGE_PIXELS == before is not None, Image.MAX_IMAGE_PIXELS"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from histomicstk.preprocessing.color_conversion import rgb_to_sda
-from histomicstk.preprocessing.color_deconvolution import (
-    color_convolution,
-    color_deconvolution,
-    separate_stains_macenko_pca,
-    stain_color_map,
-)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from her2_kedro._histomicstk import (
+    color_convolution,
+    color_deconvolution,
+    rgb_to_sda,
+    separate_stains_macenko_pca,
+    stain_color_map,
+)
 from her2_kedro.imaging import BACKGROUND_GREY, foreground_mask
 from her2_kedro.stain import lookup_channel_tables
 

@@ -73,7 +73,7 @@ def stain_matrix(name: str = "skimage_hed") -> np.ndarray:
     """
     if name == "skimage_hed":
         return np.array(_SKIMAGE_RGB_FROM_HED, dtype=np.float64).T.copy()
-    from histomicstk.preprocessing.color_deconvolution import stain_color_map
+    from her2_kedro._histomicstk import stain_color_map
 
     h = _unit(stain_color_map["hematoxylin"])
     d = _unit(stain_color_map["dab"])
