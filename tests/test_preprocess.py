@@ -100,3 +100,18 @@ def test_core_missing_from_the_cores_folder_names_the_file(cohort):
     broken = manifest.assign(image=manifest["image"].replace({"c0.png": "gone.png"}))
     with pytest.raises(KeyError, match="gone.png"):
         preprocess.preprocess_cores(broken, cores, TileRule(), IntensityThresholds(), None, [])
+
+
+def test_stain_matrix_option_changes_the_dab_definition(cohort):
+    manifest, cores = cohort
+    rule, thresholds = TileRule(), IntensityThresholds()
+    default = preprocess.preprocess_cores(manifest, cores, rule, thresholds, None, [])
+    htk = preprocess.preprocess_cores(
+        manifest, cores, rule, thresholds, None, [], "histomicstk_hdab"
+    )
+    a = pd.DataFrame(default.features).set_index("core_id")["max_mean_dab"]
+    b = pd.DataFrame(htk.features).set_index("core_id")["max_mean_dab"]
+    assert not np.allclose(a, b)
+    assert (
+        a.loc["c0"] > a.loc["c1"] and b.loc["c0"] > b.loc["c1"]
+    )  # score 3 above score 0 either way

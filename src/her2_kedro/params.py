@@ -175,6 +175,7 @@ class StainNormalisationConfig(_Strict):
 class PreprocessingParams(_Strict):
     """Everything the preprocessing pipeline reads from ``parameters_preprocessing.yml``."""
 
+    stain_matrix: Literal["skimage_hed", "histomicstk_hdab", "histomicstk_hed"] = "skimage_hed"
     tiles: TileConfig = TileConfig()
     intensity_thresholds: ThresholdConfig = ThresholdConfig()
     stain_normalisation: StainNormalisationConfig = StainNormalisationConfig()

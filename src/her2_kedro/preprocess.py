@@ -27,6 +27,7 @@ from her2_kedro.normalisation import (
     normalise,
 )
 from her2_kedro.qc.report import QCProblem
+from her2_kedro.stain import dab_channel, stain_matrix
 from her2_kedro.tiling import TileRule, read_tile, tile_index
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,15 @@ def preprocess_cores(
     thresholds: IntensityThresholds,
     reference: StainVectors | None,
     normalise_cohorts: Iterable[str],
+    stain_matrix_name: str = "skimage_hed",
 ) -> PreprocessResult:
-    """Tile index and intensity features of every core; normalised first where its cohort asks."""
+    """Tile index and intensity features of every core; normalised first where its cohort asks.
+
+    DAB comes from colour deconvolution with ``stain_matrix_name`` (default: scikit-image's
+    ``rgb2hed`` definition, so the paper's numbers carry over; HistomicsTK's matrices as options).
+    """
     normalise_cohorts = set(normalise_cohorts)
+    matrix = None if stain_matrix_name == "skimage_hed" else stain_matrix(stain_matrix_name)
     result = PreprocessResult()
     for row in tqdm(
         manifest.itertuples(index=False), total=len(manifest), desc="preprocessing cores"
@@ -114,7 +121,9 @@ def preprocess_cores(
                 result.problems.append(
                     QCProblem("preprocessing", row.core_id, f"stain normalisation skipped: {err}")
                 )
-        tiles, features = core_features(rgb, row.core_id, rule, thresholds)
+        dab = dab_channel(rgb, matrix)
+        tiles, features = core_features(rgb, row.core_id, rule, thresholds, dab=dab)
+        del dab
         if tiles.empty:
             result.problems.append(
                 QCProblem("preprocessing", row.core_id, "no tissue tile: features undefined")

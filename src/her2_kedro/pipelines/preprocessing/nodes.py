@@ -88,6 +88,7 @@ def compute_features(
         IntensityThresholds(t.weak, t.moderate, t.strong),
         _vectors(reference_stains),
         p.stain_normalisation.normalise_cohorts,
+        p.stain_matrix,
     )
     tiles = (
         pd.concat(result.tiles, ignore_index=True)
