@@ -293,6 +293,17 @@ def _level0_location(level_coord: int, ds: float) -> int:
     return base
 
 
+def _adopt_geometry(reader: BaseSlideReader, slide: Any) -> None:
+    """Copy an OpenSlide-like backend's level geometry onto ``reader``; close the backend on error."""
+    try:
+        reader._dimensions = tuple(int(v) for v in slide.dimensions)  # type: ignore[assignment]
+        reader._level_dimensions = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
+        reader._level_downsamples = tuple(float(d) for d in slide.level_downsamples)
+    except Exception:
+        slide.close()
+        raise
+
+
 class TiffSlideReader(BaseSlideReader):
     """Reader backed by ``tiffslide.TiffSlide`` (pyramidal/flat TIFF, SVS, NDPI, SCN, BIF)."""
 
@@ -301,15 +312,7 @@ class TiffSlideReader(BaseSlideReader):
 
         super().__init__(path)
         self._slide: Any = tiffslide.TiffSlide(str(self.path))
-        try:
-            self._dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
-            self._level_dimensions = tuple(
-                (int(w), int(h)) for w, h in self._slide.level_dimensions
-            )
-            self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        except Exception:
-            self._slide.close()
-            raise
+        _adopt_geometry(self, self._slide)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
@@ -335,15 +338,7 @@ class OpenSlideReader(BaseSlideReader):
 
         super().__init__(path)
         self._slide: Any = openslide.OpenSlide(str(self.path))
-        try:
-            self._dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
-            self._level_dimensions = tuple(
-                (int(w), int(h)) for w, h in self._slide.level_dimensions
-            )
-            self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        except Exception:
-            self._slide.close()
-            raise
+        _adopt_geometry(self, self._slide)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
