@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet large-image shapely ctk-cli girder-slicer-cli-web
 	$(BIN)/pip install --quiet --no-deps histomicstk==1.4.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@echo "(pip's notes that histomicstk lacks pyvips, opencv, dask, ... are expected: see the comment above)"
 	touch $@
 
 run: setup
