@@ -1,17 +1,23 @@
 """Procedural HER2 IHC tissue-microarray cores: a round core of gastric adenocarcinoma on glass.
 
 Model (all lengths scale with ``CoreSpec.cell_diameter_px``):
-- core: a disk of ~93 % of the image side with a slightly wavy rim, on glass (the stain set's
-  background colour);
-- architecture: a gland-scale random field A plus a core-scale field B (regional tumour content);
-  the tumour region is where A + 0.8 B exceeds a quantile set by the core's tumour fraction (tumour
-  share of the tissue, ``CoreSpec.tumour_fraction``), glass-clear lumens where A is high deep inside
-  it (so an epithelial lining surrounds them), stroma elsewhere; tubular glands around lumens, or
-  solid nests in the ~20 % of cores without lumens (drawn per core, independent of every label);
-- cells: a Voronoi tessellation of jittered-grid seeds; tumour cells get membranes (the Voronoi
-  edges), pale cytoplasm and an oval haematoxylin nucleus with chromatin texture; stromal seeds
-  get sparse spindle fibroblast nuclei and a few small dark lymphocytes; stroma is pale
-  haematoxylin with a wavy fibre texture;
+- core: a disk of ~93 % of the image side with a smooth, slightly oval rim (a low-order Fourier
+  series in the angle), on glass (the stain set's background colour);
+- architecture (``_geometry``): lumen centre lines are the zero set of a gland-scale field; the
+  tumour band is the set of points closer to one than a half-width that grows with a regional
+  field (gland-scale plus core-scale: regional tumour content), its threshold a quantile set by
+  the core's tumour fraction (tumour share of the tissue, ``CoreSpec.tumour_fraction``); so
+  elongated, branching tubular glands thicken and merge into sheets where tumour content is high
+  and thin out into small glands and cords where it is low. A glass-clear lumen runs down the
+  middle of bands wider than the epithelial lining, septa (narrow stromal strands along the zero
+  set of a second field) split wide sheets into back-to-back glands and nests, stroma elsewhere;
+  ~20 % of cores have no lumens (solid nests; drawn per core, independent of every label);
+- cells: a Voronoi tessellation of jittered-grid seeds (in a lining, a metric stretched across
+  it, so cells are columnar); tumour cells get membranes (the Voronoi edges plus the basal and
+  apical borders of the lining), pale cytoplasm and an oval vesicular haematoxylin nucleus (pale
+  centre, chromatin rim, granular texture, a nucleolus) that in a gland lining is elongated
+  perpendicular to the lumen and shifted basally; stromal seeds get sparse spindle fibroblast
+  nuclei and a few small dark lymphocytes; stroma is pale haematoxylin with a wavy fibre texture;
 - DAB, per tumour cell, by staining category (gastric HER2 criteria, Hofmann/Rueschoff, >= 10 %
   of tumour cells): faint partial membranes (a patchy mask removes part of each membrane);
   weak-moderate complete; strong, thicker complete plus a cytoplasmic blush; and moderate but
@@ -71,7 +77,10 @@ DAB_GAIN_SD = 0.3  # log-normal sd of the staining-run / section-thickness DAB g
 TUMOUR_FRACTION_RANGE = (0.2, 0.9)  # uniform range of the tumour share of the core's tissue
 FOCAL_RATE = 0.3  # probability that the stained cells are clustered in a patch
 _BIG_WEIGHT = 0.8  # weight of the core-scale field in the architecture (regional tumour content)
-_LUMEN_DEPTH = 0.5  # lumens only this far (in field units) inside the tumour region
+_HW_GAIN = 0.55  # tumour-band half-width (cell diameters) per unit of the regional field
+_EPI_CELLS = 1.3  # thickness of the epithelial lining around a lumen (cell diameters)
+_SEPTUM = 0.2  # half-width of the stromal septa that split tumour sheets (cell diameters)
+_COLUMNAR = 1.35  # stretch of the cell metric across a gland lining (columnar cells)
 
 
 def _composition(score: int, rng: np.random.Generator) -> dict[int, float]:
@@ -115,9 +124,15 @@ class CoreSpec:
 
 
 class _Field:
-    """A smooth random field stored on a coarse grid and bilinearly sampled at pixel positions."""
+    """A smooth random field stored on a coarse grid and bilinearly sampled at pixel positions.
 
-    def __init__(self, rng: np.random.Generator, size: int, corr_px: float) -> None:
+    With ``grad`` the field's spatial gradient (per pixel) is stored too, so the distance to the
+    field's zero set can be estimated as |f| / |grad f| (used for the gland geometry).
+    """
+
+    def __init__(
+        self, rng: np.random.Generator, size: int, corr_px: float, grad: bool = False
+    ) -> None:
         self.spacing = max(1.0, corr_px / 3.0)
         n = int(np.ceil(size / self.spacing)) + 4
         grid = ndimage.gaussian_filter(
@@ -126,6 +141,13 @@ class _Field:
         grid -= grid.mean()
         grid /= grid.std() + 1e-6
         self.grid = grid.astype(np.float32)
+        self.grads: tuple[np.ndarray, np.ndarray] | None = None
+        if grad:
+            gy, gx = np.gradient(self.grid.astype(np.float64))
+            self.grads = (
+                (gy / self.spacing).astype(np.float32),
+                (gx / self.spacing).astype(np.float32),
+            )
 
     def _coords(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = p / self.spacing + 1.0
@@ -134,16 +156,36 @@ class _Field:
 
     def rows(self, y0: int, y1: int, width: int) -> np.ndarray:
         """Field values on pixel rows y0..y1-1 and columns 0..width-1 (pixel centres)."""
+        return self._rows((self.grid,), y0, y1, width)[0]
+
+    def rows_grad(self, y0: int, y1: int, width: int) -> list[np.ndarray]:
+        """Field value and gradient (d/dy, d/dx per pixel) on rows y0..y1-1."""
+        assert self.grads is not None
+        return self._rows((self.grid, *self.grads), y0, y1, width)
+
+    def _rows(
+        self, grids: tuple[np.ndarray, ...], y0: int, y1: int, width: int
+    ) -> list[np.ndarray]:
         iy, wy = self._coords(np.arange(y0, y1) + 0.5)
         ix, wx = self._coords(np.arange(width) + 0.5)
-        r = self.grid[iy] * (1 - wy)[:, None] + self.grid[iy + 1] * wy[:, None]
-        return r[:, ix] * (1 - wx) + r[:, ix + 1] * wx
+        out = []
+        for grid in grids:
+            r = grid[iy] * (1 - wy)[:, None] + grid[iy + 1] * wy[:, None]
+            out.append(r[:, ix] * (1 - wx) + r[:, ix + 1] * wx)
+        return out
 
     def at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Field values at arbitrary points (used for per-seed decisions)."""
+        return self._at(self.grid, y, x)
+
+    def at_grad(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Field value and gradient (d/dy, d/dx per pixel) at arbitrary points."""
+        assert self.grads is not None
+        return tuple(self._at(g, y, x) for g in (self.grid, *self.grads))
+
+    def _at(self, g: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         iy, wy = self._coords(np.asarray(y, dtype=np.float64))
         ix, wx = self._coords(np.asarray(x, dtype=np.float64))
-        g = self.grid
         return (
             g[iy, ix] * (1 - wy) * (1 - wx)
             + g[iy + 1, ix] * wy * (1 - wx)
@@ -166,6 +208,11 @@ class _Plan:
     d: float
     centre: float
     radius: float
+    rim_k: np.ndarray  # angular frequencies of the rim's Fourier modulation
+    rim_a: np.ndarray  # their amplitudes (fractions of the radius)
+    rim_phi: np.ndarray  # and phases
+    f_gland: _Field
+    f_sept: _Field
     f_arch: _Field
     f_big: _Field
     f_rim: _Field
@@ -174,8 +221,8 @@ class _Plan:
     f_fine: _Field
     f_patch: _Field
     f_warp: _Field
-    t_epi: float
-    t_lumen: float
+    t_band: float
+    lumen_w: float
     fibre_angle: float
     sy: np.ndarray
     sx: np.ndarray
@@ -188,6 +235,9 @@ class _Plan:
     nox: np.ndarray
     nh: np.ndarray
     nirr: np.ndarray
+    nl_u: np.ndarray  # nucleolus offset along / across the nucleus's long axis (px)
+    nl_v: np.ndarray
+    nl_h: np.ndarray  # nucleolus haematoxylin (0: none)
     category: np.ndarray  # staining category of each cell (0 none, see _CATEGORY)
     dab: np.ndarray  # membrane DAB concentration of each cell (gain included)
     cyto: np.ndarray  # cytoplasmic DAB concentration of each cell
@@ -198,6 +248,40 @@ class _Plan:
     tumour_fraction: float
     focal: bool
     cuts: list[tuple[str, tuple[float, ...]]]
+
+
+def _geometry(
+    d: float,
+    t_band: float,
+    lumen_w: float,
+    gland: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sept: tuple[np.ndarray, np.ndarray, np.ndarray],
+    reg: np.ndarray,
+    lumen_mod: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Gland geometry at points (pixels or seeds), all in pixels.
+
+    Lumen centre lines are the zero set of the gland field n; s = |n| / |grad n| estimates the
+    distance to the nearest one. The tumour band is s < hw, its half-width hw growing with the
+    regional field (so glands thicken and merge into sheets where tumour content is high and
+    thin out and break up where it is low); a lumen of half-width wl runs down its middle where
+    the band is wider than the epithelial lining; septa (narrow strands of stroma) follow the
+    zero set of a second field and split wide sheets into glands and nests.
+    Returns s, hw, wl, distance to the septum line, and the unit normal (ny, nx) of the lining.
+    """
+    n, ny, nx = gland
+    gn = np.sqrt(ny * ny + nx * nx) + np.float32(1e-4 / d)
+    s = np.minimum(np.abs(n) / gn, np.float32(8.0 * d))
+    hw = np.float32(d) * (np.float32(_HW_GAIN) * reg - np.float32(t_band))
+    wl = np.clip(
+        np.minimum(hw - np.float32(_EPI_CELLS * d), np.float32(lumen_w) * (1.0 + 0.35 * lumen_mod)),
+        0.0,
+        None,
+    )
+    m, my, mx = sept
+    sm = np.minimum(np.abs(m) / (np.sqrt(my * my + mx * mx) + np.float32(1e-4 / d)), 8.0 * d)
+    sgn = np.sign(n) / gn
+    return s, hw, wl, sm, ny * sgn, nx * sgn
 
 
 def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
@@ -218,6 +302,18 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
         raise ValueError(f"tumour_fraction must lie in [0, 1], got {spec.tumour_fraction}")
     centre = size / 2.0
     radius = size * rng.uniform(0.455, 0.475)
+    # Smooth rim: a low-order Fourier series in the angle (slightly oval, gently wavy).
+    rim_k = np.arange(2, 10, dtype=np.float64)
+    rim_a = rng.normal(0.0, 1.0, rim_k.size) * 0.016 / rim_k**1.2
+    rim_a[0] = rng.uniform(0.0, 0.03)  # ovality
+    rim_phi = rng.uniform(0, 2 * np.pi, rim_k.size)
+    ang = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    r_max = 1.0 + np.max(
+        np.sum(rim_a[:, None] * np.cos(rim_k[:, None] * ang + rim_phi[:, None]), 0)
+    )
+    radius = min(radius, 0.485 * size / r_max)
+    f_gland = _Field(rng, size, d * rng.uniform(3.0, 4.0), grad=True)
+    f_sept = _Field(rng, size, d * rng.uniform(4.0, 5.5), grad=True)
     f_arch = _Field(rng, size, d * rng.uniform(2.2, 3.2))
     f_big = _Field(rng, size, d * 9.0)
     f_rim = _Field(rng, size, size * 0.08)
@@ -240,37 +336,36 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
         tumour_fraction if spec.tumour_fraction is None else float(spec.tumour_fraction)
     )
     focal = focal if spec.focal is None else bool(spec.focal)
+    lumen_w = d * (0.3 + 1.6 * lumen_ratio) if lumen_ratio > 0 else 0.0
 
     ny = int(np.ceil(size / d)) + 2
     gy, gx = np.meshgrid(np.arange(ny) - 1 + 0.5, np.arange(ny) - 1 + 0.5, indexing="ij")
     sy = ((gy + rng.uniform(-0.32, 0.32, gy.shape)) * d).astype(np.float32)
     sx = ((gx + rng.uniform(-0.32, 0.32, gx.shape)) * d).astype(np.float32)
     sy_f, sx_f = sy.ravel(), sx.ravel()
-    a_seed = f_arch.at(sy_f, sx_f)
-    g_seed = a_seed + _BIG_WEIGHT * f_big.at(sy_f, sx_f)
+    reg_seed = (f_arch.at(sy_f, sx_f) + _BIG_WEIGHT * f_big.at(sy_f, sx_f)).astype(np.float32)
+    gland = tuple(v.astype(np.float32) for v in f_gland.at_grad(sy_f, sx_f))
+    sept = tuple(v.astype(np.float32) for v in f_sept.at_grad(sy_f, sx_f))
     inside = (sy_f - centre) ** 2 + (sx_f - centre) ** 2 < radius**2
-    # Architecture from quantiles over the core's seeds: the tumour region (epithelium E plus
-    # lumens L = lumen_ratio * E of the disk, E / (1 - L) = tumour fraction) is where the combined
-    # field g exceeds t_epi; lumens are where the gland-scale field a exceeds t_lumen deep inside
-    # it (g > t_epi + _LUMEN_DEPTH), so an epithelial lining always surrounds them.
+    # Architecture from a quantile over the core's seeds: the tumour band (epithelium E plus
+    # lumens L = lumen_ratio * E of the disk, E / (1 - L) = tumour fraction) is where the score
+    # _HW_GAIN * reg - s / d exceeds t_band, i.e. where s < hw.
     epi_share = tumour_fraction / (1.0 + lumen_ratio * tumour_fraction)
-    lumen_share = lumen_ratio * epi_share
+    band_share = (1.0 + lumen_ratio) * epi_share
     sel = inside if inside.any() else np.ones_like(inside)
-    g_in = g_seed[sel]
-    t_epi = float(np.quantile(g_in, 1.0 - lumen_share - epi_share)) if epi_share > 0 else 9.0
-    deep = a_seed[sel][g_in > t_epi + _LUMEN_DEPTH]
-    k_lumen = min(
-        int(round(lumen_share * g_in.size)), int(0.35 * deep.size)
-    )  # at most 35 % of the deep part
-    t_lumen = float(np.sort(deep)[-k_lumen]) if k_lumen > 0 else 9.0
-    in_lumen = (a_seed >= t_lumen) & (g_seed > t_epi + _LUMEN_DEPTH)
-    n = g_seed.size
+    s0 = np.minimum(np.abs(gland[0]) / (np.hypot(gland[1], gland[2]) + 1e-4 / d), 8.0 * d)
+    q = _HW_GAIN * reg_seed - s0 / d
+    t_band = float(np.quantile(q[sel], 1.0 - band_share)) if band_share > 0 else 99.0
+    s, hw, wl, sm, nrm_y, nrm_x = _geometry(
+        d, t_band, lumen_w, gland, sept, reg_seed, f_low.at(sy_f, sx_f).astype(np.float32)
+    )
+    septum = (sm < _SEPTUM * d) & (s > wl + _EPI_CELLS * d)
+    n = sy_f.size
     u = rng.random(n)
-    kind = np.where(
-        (g_seed > t_epi) & ~in_lumen,
-        1,
-        np.where(g_seed <= t_epi, np.where(u < 0.28, 2, np.where(u < 0.34, 3, 0)), 0),
-    ).astype(np.int8)
+    kind = np.where((s < hw) & ~septum, 1, np.where(u < 0.28, 2, np.where(u < 0.34, 3, 0))).astype(
+        np.int8
+    )
+    columnar = (wl > 0.3 * d) & (s < wl + 1.6 * d) & (kind == 1)
 
     theta = rng.uniform(0, np.pi, n)
     fibre_angle = float(rng.uniform(0, np.pi))
@@ -278,12 +373,19 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     k_area = 1.22 if cue else 1.0
     pleo = 0.16 if cue else 0.07
     scale = np.exp(rng.normal(0.0, pleo, n) - pleo**2)
+    aspect = rng.uniform(0.8, 1.05, n)
+    theta_noise = rng.normal(0, 0.18, n)
     na = np.where(kind == 1, 0.30 * d * k_area * scale, np.where(kind == 2, 0.34 * d, 0.13 * d))
     nb = np.where(
         kind == 1,
-        0.21 * d * k_area * scale * rng.uniform(0.8, 1.05, n),
+        0.21 * d * k_area * scale * aspect,
         np.where(kind == 2, 0.075 * d, 0.12 * d),
     )
+    # Columnar lining: nuclei elongated across the lining (perpendicular to the lumen) and
+    # shifted towards the basal side (same area, so the cue's nuclear size is unchanged).
+    na = np.where(columnar, na * 1.35, na)
+    nb = np.where(columnar, nb * 0.74, nb)
+    theta = np.where(columnar, np.arctan2(nrm_y, nrm_x) + theta_noise, theta)
     theta = np.where(kind == 2, fibre_angle + rng.normal(0, 0.25, n), theta)
     nh = np.where(
         kind == 1,
@@ -293,6 +395,11 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
     nirr = np.where(kind == 1, 0.22 if cue else 0.06, 0.03)
     off = 0.06 * d
     noy, nox = rng.uniform(-off, off, n), rng.uniform(-off, off, n)
+    noy = np.where(columnar, noy + 0.14 * d * nrm_y, noy)
+    nox = np.where(columnar, nox + 0.14 * d * nrm_x, nox)
+    nl_u = rng.uniform(-0.35, 0.35, n) * na
+    nl_v = rng.uniform(-0.3, 0.3, n) * nb
+    nl_h = np.where((kind == 1) & (rng.random(n) < 0.85), 1.1 * nh, 0.0)
 
     # Staining: category fractions of the score, handed out highest first along a random order
     # (diffuse) or down a smooth field (focal: the most stained cells form a patch).
@@ -366,6 +473,11 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
         d=d,
         centre=centre,
         radius=radius,
+        rim_k=rim_k,
+        rim_a=rim_a,
+        rim_phi=rim_phi,
+        f_gland=f_gland,
+        f_sept=f_sept,
         f_arch=f_arch,
         f_big=f_big,
         f_rim=f_rim,
@@ -374,8 +486,8 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
         f_fine=f_fine,
         f_patch=f_patch,
         f_warp=f_warp,
-        t_epi=t_epi,
-        t_lumen=t_lumen,
+        t_band=t_band,
+        lumen_w=lumen_w,
         fibre_angle=fibre_angle,
         sy=sy,
         sx=sx,
@@ -388,6 +500,9 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
         nox=nox.astype(f32),
         nh=nh.astype(f32),
         nirr=nirr.astype(f32),
+        nl_u=nl_u.astype(f32),
+        nl_v=nl_v.astype(f32),
+        nl_h=nl_h.astype(f32),
         category=category,
         dab=dab.astype(f32),
         cyto=(dab * cyto_k[category]).astype(f32),
@@ -404,15 +519,19 @@ def _plan(spec: CoreSpec, rng: np.random.Generator) -> _Plan:
 def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Haematoxylin, DAB and extra optical density of rows y0..y1-1."""
     w, d = p.size, np.float32(p.d)
+    f32 = np.float32
     yy = (np.arange(y0, y1, dtype=np.float32) + 0.5)[:, None]
     xx = (np.arange(w, dtype=np.float32) + 0.5)[None, :]
     c = np.float32(p.centre)
 
-    # Core disk with a wavy rim, then missing parts.
+    # Core disk with a smooth (Fourier-modulated) rim, then missing parts.
     r = np.sqrt((xx - c) ** 2 + (yy - c) ** 2)
-    rim = p.radius * (1.0 + 0.012 * p.f_rim.rows(y0, y1, w))
-    core = np.clip((rim - r) / 1.5 + 0.5, 0.0, 1.0)
-    del r, rim
+    phi = np.arctan2(yy - c, xx - c)
+    mod = np.ones_like(r)
+    for k, a_k, ph in zip(p.rim_k, p.rim_a, p.rim_phi, strict=True):
+        mod += f32(a_k) * np.cos(f32(k) * phi + f32(ph))
+    core = np.clip((f32(p.radius) * mod - r) / 1.5 + 0.5, 0.0, 1.0)
+    del r, phi, mod
     fold = None
     for kind, a in p.cuts:
         if kind == "chord":
@@ -432,15 +551,33 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
             s = (xx - c) * np.float32(a[0]) + (yy - c) * np.float32(a[1]) - np.float32(a[2])
             fold = _smoothstep(np.float32(a[3]) - np.abs(s), 0.0, 2.0)
 
-    # Architecture.
-    a = p.f_arch.rows(y0, y1, w)
-    g = a + np.float32(_BIG_WEIGHT) * p.f_big.rows(y0, y1, w)
-    lumen = _smoothstep(a, p.t_lumen - 0.02, p.t_lumen + 0.02)
-    lumen *= _smoothstep(g, p.t_epi + _LUMEN_DEPTH - 0.02, p.t_epi + _LUMEN_DEPTH + 0.02)
-    del a
-    epi = _smoothstep(g, p.t_epi - 0.02, p.t_epi + 0.02) * (1.0 - lumen)
+    # Architecture: tumour band around the lumen centre lines, lumens, septa (see _geometry).
+    reg = p.f_arch.rows(y0, y1, w) + np.float32(_BIG_WEIGHT) * p.f_big.rows(y0, y1, w)
+    low = p.f_low.rows(y0, y1, w)
+    s, hw, wl, sm, nrm_y, nrm_x = _geometry(
+        p.d,
+        p.t_band,
+        p.lumen_w,
+        tuple(p.f_gland.rows_grad(y0, y1, w)),
+        tuple(p.f_sept.rows_grad(y0, y1, w)),
+        reg,
+        low,
+    )
+    del reg
+    band = _smoothstep(hw - s, -0.8, 0.8)
+    has_lumen = _smoothstep(wl, 0.0, 1.0)
+    lum = _smoothstep(wl - s, -0.8, 0.8) * has_lumen
+    sep_gate = _smoothstep(s - wl - f32(_EPI_CELLS) * d, 0.0, 2.0)
+    sep = _smoothstep(f32(_SEPTUM) * d - sm, -0.8, 0.8) * sep_gate
+    lumen = band * lum
+    epi = band * (1.0 - lum) * (1.0 - sep)
     stroma = 1.0 - epi - lumen
-    del g
+    # Columnar lining: the cell metric is stretched across the lining (cells taller than wide).
+    colw = _smoothstep(wl, 0.3 * d, 0.7 * d) * _smoothstep(wl + 1.7 * d - s, 0.0, 0.5 * d)
+    kcol = 1.0 + f32(_COLUMNAR - 1.0) * colw
+    ik2 = 1.0 / (kcol * kcol)
+    k2 = kcol * kcol
+    del colw, kcol
 
     # Voronoi: nearest and second-nearest seed among the 3x3 neighbouring grid cells.
     h = y1 - y0
@@ -454,20 +591,27 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
         iy = (giy + di)[:, None]
         for dj in (-1, 0, 1):
             ix = (gix + dj)[None, :]
-            dd = (yy - p.sy[iy, ix]) ** 2 + (xx - p.sx[iy, ix]) ** 2
+            ey = yy - p.sy[iy, ix]
+            ex = xx - p.sx[iy, ix]
+            an = ey * nrm_y + ex * nrm_x
+            at = ex * nrm_y - ey * nrm_x
+            dd = an * an * ik2 + at * at * k2
             closer = dd < d1
             np.copyto(d2, np.where(closer, d1, np.minimum(d2, dd)))
             np.copyto(d1, dd, where=closer)
             np.copyto(lab, iy * ncol + ix, where=closer)
+    del ey, ex, an, at, dd, closer, ik2, k2, nrm_y, nrm_x
     md = (np.sqrt(d2) - np.sqrt(d1)) * 0.5
     del d1, d2
     sy_f, sx_f = p.sy.ravel(), p.sx.ravel()
     dy = yy - sy_f[lab] - p.noy[lab]
     dx = xx - sx_f[lab] - p.nox[lab]
     cs, sn = p.ncos[lab], p.nsin[lab]
-    u = (dx * cs + dy * sn) / p.na[lab]
-    v = (dy * cs - dx * sn) / p.nb[lab]
+    du = dx * cs + dy * sn
+    dv = dy * cs - dx * sn
     del dx, dy, cs, sn
+    u = du / p.na[lab]
+    v = dv / p.nb[lab]
     rn = np.sqrt(u * u + v * v)
     del u, v
     mid = p.f_mid.rows(y0, y1, w)
@@ -478,23 +622,35 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
     tum = kind == 1
     nuc *= np.where(tum, epi, stroma)
     fine = p.f_fine.rows(y0, y1, w)
-    chromatin = np.clip(0.8 + 0.35 * fine + 0.3 * np.exp(-(((rn - 0.88) / 0.12) ** 2)), 0.3, 2.0)
-    del rn, nb_px
-    nuc_h = nuc * p.nh[lab] * chromatin
+    # Vesicular chromatin: pale centre, chromatin rim at the nuclear membrane, granular texture
+    # and (tumour cells) a dark nucleolus.
+    ring = np.exp(-(((rn - 0.86) / 0.14) ** 2))
+    chromatin = np.clip(0.55 + 0.18 * fine + 0.12 * mid + 0.6 * ring, 0.25, 2.0)
+    r_nl = f32(max(0.8, 0.055 * p.d))
+    nl = np.exp(-((du - p.nl_u[lab]) ** 2 + (dv - p.nl_v[lab]) ** 2) / (r_nl * r_nl))
+    del rn, nb_px, ring, du, dv
+    nuc_h = nuc * (p.nh[lab] * chromatin + p.nl_h[lab] * nl)
+    del nl, chromatin
 
     # Stroma fibres: wavy parallel fibres with a slowly varying phase.
-    low = p.f_low.rows(y0, y1, w)
     ca, sa = np.float32(np.cos(p.fibre_angle)), np.float32(np.sin(p.fibre_angle))
     phase = (xx * -sa + yy * ca) * np.float32(2 * np.pi / (0.32 * p.d)) + np.float32(
         6.0
     ) * p.f_warp.rows(y0, y1, w)
     fib = (0.5 + 0.5 * np.sin(phase)) ** 3
     del phase
-    stroma_h = (0.14 + 0.025 * low) * (0.8 + 0.3 * fib + 0.1 * fine)
+    stroma_h = (0.13 + 0.025 * low) * (0.75 + 0.35 * fib + 0.1 * fine)
 
-    # Membranes and DAB (per-cell concentration, width and partial mask).
-    mem = np.exp(-((md / p.width[lab]) ** 2)) * epi
+    # Membranes (cell borders plus the basal and apical borders of the lining and the borders
+    # of septa) and DAB (per-cell concentration, width and partial mask).
+    wid = p.width[lab]
+    mem = np.exp(-((md / wid) ** 2))
     del md
+    mem = np.maximum(mem, np.exp(-(((hw - s) / wid - 0.8) ** 2)))
+    mem = np.maximum(mem, has_lumen * np.exp(-(((s - wl) / wid - 0.8) ** 2)))
+    mem = np.maximum(mem, sep_gate * np.exp(-(((sm - f32(_SEPTUM) * d) / wid - 0.8) ** 2)))
+    mem *= epi
+    del s, hw, wl, sm, wid, has_lumen, sep_gate, band, lum, sep
     if p.any_partial:
         patchy = _smoothstep(p.f_patch.rows(y0, y1, w), 0.1, 0.5)
         mem_dab = mem * (1.0 - p.partial_mem[lab] * (1.0 - patchy))
@@ -503,8 +659,8 @@ def _render_strip(p: _Plan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, n
         mem_dab = mem
     region = np.clip(1.0 + 0.18 * low, 0.6, 1.4)
     dab = region * (p.dab[lab] * mem_dab + p.cyto[lab] * epi * (0.85 + 0.15 * fine))
-    cyto_h = epi * (0.11 + 0.02 * fine)
-    h_conc = stroma * stroma_h + cyto_h + 0.10 * mem + nuc_h + lumen * 0.008 * (1.0 + 0.3 * fine)
+    cyto_h = epi * (0.10 + 0.02 * fine + 0.02 * mid)
+    h_conc = stroma * stroma_h + cyto_h + 0.06 * mem + nuc_h + lumen * 0.008 * (1.0 + 0.3 * fine)
     h_conc = h_conc * core
     dab = dab * core
     if fold is not None:
