@@ -13,6 +13,7 @@ import pandas as pd
 
 from her2_kedro.datasets import SyntheticCohort
 from her2_kedro.params import SyntheticParams
+from her2_kedro.synthetic import GENERATOR_VERSION
 from her2_kedro.synthetic.cohort import core_spec_from_row, render_cohort, sample_cohort
 from her2_kedro.synthetic.slide import SlideSpec, slide_layout, write_synthetic_slide
 from her2_kedro.synthetic.tissue import render_core
@@ -84,7 +85,11 @@ def _slide_spec(p: SyntheticParams, missing: tuple[str, ...]) -> SlideSpec:
 
 
 def _fingerprint(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identifies the cohort: the parameters and the generator version that render it."""
+    payload = {"params": params, "generator": GENERATOR_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def render_synthetic_cohort(
