@@ -42,3 +42,18 @@ def test_labels_come_from_the_table_not_the_file_name():
     assert set(result.records["ihc_score"]) == {0}
     unlabelled = [p for p in result.problems if p.reason.startswith("file without label")]
     assert len(unlabelled) == 3
+
+
+def test_fast_deconvolution_equals_rgb2hed_on_a_real_core():
+    import numpy as np
+    from PIL import Image
+    from skimage.color import rgb2hed
+
+    from her2_kedro.stain import dab_channel, rgb_to_hed
+
+    path = next(p for p in sorted(REAL_CORES.glob("3_*.jpg")))
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))[2000:3000, 2000:3000]
+    expected = rgb2hed(rgb).astype(np.float32)
+    np.testing.assert_allclose(dab_channel(rgb), expected[..., 2], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(rgb_to_hed(rgb), expected, rtol=1e-3, atol=1e-6)
