@@ -600,11 +600,14 @@ def _refine_on_tissue(
                 )
     if cores:
         centres = cKDTree(np.array([(k.cx, k.cy) for k in cores]))
+        boxes = [core_box(k, params) for k in cores]
         rejected = []
         for reason, x, y in result.rejected:
             dist, _ = centres.query((x, y))
-            if reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * result.diameter_px:
-                continue  # a piece of a found core (its centroid may sit on the rim)
+            near = reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * result.diameter_px
+            boxed = any(bx <= x < bx + side and by <= y < by + side for bx, by, side in boxes)
+            if near or boxed:
+                continue  # a piece of a found core: it lies in that core's extracted image
             rejected.append((reason, x, y))
     else:
         rejected = list(result.rejected)

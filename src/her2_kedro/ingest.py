@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from her2_kedro.dearray import DearrayParams, core_box, dearray_slide, extract_core
+from her2_kedro.dearray import DearrayParams, dearray_slide, extract_core
 from her2_kedro.qc.images import CheckedImage, ImageCheckParams, check_image
 from her2_kedro.qc.labels import slide_stem, validate_labels, validate_slide_map
 from her2_kedro.qc.report import QCProblem
@@ -198,7 +198,7 @@ def ingest_slides(
                     source, f"{stem}_{label}", f"missing grid position {label}: no core found"
                 )
             )
-        for reason, x, y in _outside_cores(result, dearray):
+        for reason, x, y in result.rejected:
             problems.append(QCProblem(source, "", f"{reason} at level-0 (x={x:.0f}, y={y:.0f})"))
         found[name] = {core.label: core for core in result.cores}
 
@@ -238,17 +238,6 @@ def ingest_slides(
                 records.append(_record(row, core_id, source, checked, image))
                 checked.rgb = None
     return SourceResult(_frame(records), problems, payloads)
-
-
-def _outside_cores(result, params: DearrayParams) -> list[tuple[str, float, float]]:
-    """Rejected blobs outside every core's extraction box. Fragments inside a box (bits of a torn
-    core rim) are part of that core's image, so they are not reported as separate problems."""
-    boxes = [core_box(core, params) for core in result.cores]
-    return [
-        (reason, x, y)
-        for reason, x, y in result.rejected
-        if not any(bx <= x < bx + side and by <= y < by + side for bx, by, side in boxes)
-    ]
 
 
 def merge_sources(*results: SourceResult) -> tuple[pd.DataFrame, list[QCProblem]]:
