@@ -8,7 +8,6 @@ callables that re-read (folder) or hold the already-encoded bytes (dearrayed cor
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,10 +16,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
 from her2_kedro.dearray import DearrayParams, dearray_slide, extract_core
+from her2_kedro.imaging import encode_jpeg, encode_png
 from her2_kedro.qc.images import CheckedImage, ImageCheckParams, check_image
 from her2_kedro.qc.labels import slide_stem, validate_labels, validate_slide_map
 from her2_kedro.qc.report import QCProblem
@@ -61,20 +60,6 @@ class SourceResult:
 def core_id_for(filename: str) -> str:
     """Core id of a file in the cores folder: its relative path without suffix, '/' → '__'."""
     return "__".join(PurePosixPath(filename).with_suffix("").parts)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Lossless PNG bytes of an RGB image (for cores whose mode had to be converted)."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of an RGB image (dearrayed cores, like QuPath's exported TMA cores)."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def _reencoded(path: Path, name: str, checks: ImageCheckParams) -> bytes:

@@ -49,13 +49,12 @@ even at the paper's 5468 px.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
+from her2_kedro.imaging import encode_jpeg  # noqa: F401  (re-exported: the synthetic API's encoder)
 from her2_kedro.synthetic.optics import INTERNAL_STAINS, StainSet, render_optical_density
 
 _STRIP_ROWS = 384
@@ -682,14 +681,3 @@ def render_core(spec: CoreSpec, rng: np.random.Generator) -> np.ndarray:
         for ch in range(3):
             out[..., ch] = ndimage.gaussian_filter(out[..., ch], sigma=float(spec.blur_sigma))
     return out
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """Encode an RGB uint8 image as JPEG bytes; compression artefacts follow ``quality``."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError("expected an (H, W, 3) uint8 image")
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(
-        buf, format="JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2
-    )
-    return buf.getvalue()
