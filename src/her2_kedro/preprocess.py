@@ -50,6 +50,13 @@ def _loader(cores: Mapping[str, Loader], image: str) -> Loader:
     return cores[image]
 
 
+def _richest_tiles(rgb: np.ndarray, core_id: str, rule: TileRule, n: int) -> list[np.ndarray]:
+    """Copies of the ``n`` kept tiles of a core with the most tissue."""
+    index = tile_index(rgb, core_id, rule)
+    best = index.sort_values("tissue_fraction", ascending=False).head(n)
+    return [read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples()]
+
+
 def reference_tiles(
     manifest: pd.DataFrame,
     cores: Mapping[str, Loader],
@@ -64,11 +71,7 @@ def reference_tiles(
     tiles: list[np.ndarray] = []
     for row in tqdm(chosen.itertuples(index=False), total=len(chosen), desc="reference tiles"):
         rgb = decode_rgb(_loader(cores, row.image)())
-        index = tile_index(rgb, row.core_id, rule)
-        best = index.sort_values("tissue_fraction", ascending=False).head(tiles_per_core)
-        tiles.extend(
-            read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples()
-        )
+        tiles.extend(_richest_tiles(rgb, row.core_id, rule, tiles_per_core))
     return tiles
 
 
@@ -146,12 +149,10 @@ def preview_pairs(
     chosen = manifest.iloc[rng.permutation(len(manifest))[:n_tiles]]
     before, after = [], []
     for row in chosen.itertuples(index=False):
-        rgb = decode_rgb(_loader(cores, row.image)())
-        index = tile_index(rgb, row.core_id, rule)
-        if index.empty:
+        richest = _richest_tiles(decode_rgb(_loader(cores, row.image)()), row.core_id, rule, 1)
+        if not richest:
             continue
-        best = index.sort_values("tissue_fraction", ascending=False).iloc[0]
-        tile = read_tile(rgb, int(best.x), int(best.y), rule.tile_size).copy()
+        tile = richest[0]
         try:
             normalised = normalise(tile, None, reference, background_grey=rule.background_grey)
         except StainEstimationError:
