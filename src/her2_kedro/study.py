@@ -95,25 +95,28 @@ def select_and_fit(
             f"{sorted(set(y_train))}; at least two classes are needed to fit a model"
         )
     X_val, y_val = _xy(table, "val", feature_names)
+
+    def fit(c: float) -> IntensityModel:
+        return fit_intensity_lr(X_train, y_train, seed=seed, standardize=standardize, C=c)
+
+    if not len(y_val):
+        # nothing to select on: the grid value closest to sklearn's default C=1
+        c = min(c_grid, key=lambda v: abs(np.log10(v)))
+        logger.warning("%s: no validation cores; C=%s used without selection", task.name, c)
+        selection = pd.DataFrame({"C": sorted(c_grid), "val_balanced_accuracy": np.nan}).assign(
+            chosen=lambda d: d["C"] == c
+        )
+        return fit(c), selection
     rows = []
     best: tuple[float, float, IntensityModel] | None = None
     for c in sorted(c_grid):
-        model = fit_intensity_lr(X_train, y_train, seed=seed, standardize=standardize, C=c)
-        if len(y_val):
-            score = classification_metrics(
-                y_val, model.predict(X_val), model.predict_proba(X_val), task.classes
-            )["balanced_accuracy"]
-        else:
-            score = float("nan")
+        model = fit(c)
+        score = classification_metrics(
+            y_val, model.predict(X_val), model.predict_proba(X_val), task.classes
+        )["balanced_accuracy"]
         rows.append({"C": c, "val_balanced_accuracy": score})
         if best is None or (np.isfinite(score) and (not np.isfinite(best[0]) or score > best[0])):
             best = (score, c, model)
-    if not len(y_val):
-        # nothing to select on: fall back to the grid value closest to sklearn's default C=1
-        c = min(c_grid, key=lambda v: abs(np.log10(v)))
-        model = fit_intensity_lr(X_train, y_train, seed=seed, standardize=standardize, C=c)
-        best = (float("nan"), c, model)
-        logger.warning("%s: no validation cores; C=%s used without selection", task.name, c)
     selection = pd.DataFrame(rows).assign(chosen=lambda d: d["C"] == best[1])
     return best[2], selection
 
