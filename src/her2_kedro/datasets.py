@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,6 @@ class SyntheticCohort:
     slide_map: pd.DataFrame
     slides: Mapping[str, Callable[[Path], None]]
     fingerprint: str
-    extra_files: Mapping[str, bytes] = field(default_factory=dict)
 
 
 MARKER = ".her2_kedro_synthetic.json"
@@ -263,9 +262,6 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
             (cores_dir / filename).write_bytes(payload)
             written.append(f"cores/{filename}")
             n_cores += 1
-        for filename, payload in data.extra_files.items():
-            (cores_dir / filename).write_bytes(payload)
-            written.append(f"cores/{filename}")
         data.labels.to_csv(self._root / "labels.csv", index=False)
         written.append("labels.csv")
         if data.slides:
