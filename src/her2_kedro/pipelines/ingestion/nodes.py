@@ -51,18 +51,10 @@ def ingest_slides(
     """Dearrayed, labelled and QC'd cores of the whole slides, their problems and their images."""
     p = _params(params)
     d = p.dearray
-    dearray = DearrayParams(
-        row_labels=d.row_labels,
-        column_labels=tuple(d.column_labels) if d.column_labels else None,
-        n_rows=d.n_rows,
-        n_cols=d.n_cols,
-        core_diameter_px=d.core_diameter_px,
-        thumbnail_max_side=d.thumbnail_max_side,
-        background_grey=d.background_grey,
-        min_area_fraction=d.min_area_fraction,
-        max_offgrid=d.max_offgrid,
-        margin=d.margin,
-    )
+    grid = d.model_dump(exclude={"jpeg_quality", "max_slide_pixels"})
+    if grid["column_labels"] is not None:
+        grid["column_labels"] = tuple(grid["column_labels"])
+    dearray = DearrayParams(**grid)
     result = ingest.ingest_slides(
         slide_files,
         slide_map.frame,
