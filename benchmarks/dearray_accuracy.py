@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from her2_kedro.dearray import DearrayParams, dearray_slide
 from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
 from her2_kedro.synthetic.tissue import CoreSpec, render_core
-from her2_kedro.wsi import open_slide
+from her2_kedro.tma.dearray import DearrayParams, dearray_slide
+from her2_kedro.tma.wsi import open_slide
 
 
 def one_slide(index: int, folder: Path) -> dict:

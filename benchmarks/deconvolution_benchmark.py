@@ -1,4 +1,4 @@
-"""Time scikit-image's rgb2hed against her2_kedro.stain.rgb_to_hed / dab_channel on 5468^2 cores.
+"""Time scikit-image's rgb2hed against her2_kedro.imaging.stain.rgb_to_hed / dab_channel on 5468^2 cores.
 
 Uses the real cores in ../shared/data/real_cores/*.jpg when present, else one synthetic
 5468x5468 image. Prints wall times, speed ratios, the largest errors versus rgb2hed and peak
@@ -40,7 +40,7 @@ def load(path: str) -> np.ndarray:
 def _run(method: str, rgb: np.ndarray):
     from skimage.color import rgb2hed
 
-    from her2_kedro.stain import dab_channel, rgb_to_hed
+    from her2_kedro.imaging.stain import dab_channel, rgb_to_hed
 
     if method == "rgb2hed":
         return rgb2hed(rgb)
@@ -56,7 +56,7 @@ def child(method: str, path: str) -> None:
     rgb = load(path)
     import skimage.color  # noqa: F401
 
-    import her2_kedro.stain as stain
+    import her2_kedro.imaging.stain as stain
 
     if method == "dab_channel":
         stain._rgb24_table(None, 2)  # the cached 64 MiB table is a one-off, reported apart
@@ -109,7 +109,7 @@ def main() -> None:
     if not paths:
         print(f"no real cores under {REAL_CORES}; using a synthetic {SIDE}x{SIDE} image")
         paths = ["synthetic"]
-    from her2_kedro.stain import dab_channel
+    from her2_kedro.imaging.stain import dab_channel
 
     t = time.perf_counter()
     dab_channel(np.zeros((2048, 1024, 3), np.uint8))  # builds the cached 2**24 table

@@ -48,7 +48,7 @@ def step_decode_vs_ingest(folder: str, repeats: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from her2_kedro.qc.images import ImageCheckParams, check_image
+    from her2_kedro.tma.qc.images import ImageCheckParams, check_image
 
     Image.MAX_IMAGE_PIXELS = None
     checks = ImageCheckParams()
@@ -71,8 +71,8 @@ def step_decode_vs_ingest(folder: str, repeats: str) -> dict:
 def step_ingest_folder(folder: str) -> dict:
     import pandas as pd
 
-    from her2_kedro.ingest import ingest_core_folder
-    from her2_kedro.qc.images import ImageCheckParams
+    from her2_kedro.tma.ingest import ingest_core_folder
+    from her2_kedro.tma.qc.images import ImageCheckParams
 
     files = {p.name: p for p in sorted(Path(folder).glob("*.jpg"))}
     labels = pd.read_csv(Path(folder) / "labels.csv", dtype=str)
@@ -134,8 +134,8 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
 def step_dearray(path: str) -> dict:
     import numpy as np
 
-    from her2_kedro.dearray import DearrayParams, dearray_slide, extract_core
-    from her2_kedro.wsi import open_slide
+    from her2_kedro.tma.dearray import DearrayParams, dearray_slide, extract_core
+    from her2_kedro.tma.wsi import open_slide
 
     truth = json.loads(Path(path).with_suffix(".truth.json").read_text())
     params = DearrayParams()

@@ -35,10 +35,14 @@ def step(mode: str) -> dict:
     import numpy as np
     import pandas as pd
 
-    from her2_kedro.features import IntensityThresholds, core_features
-    from her2_kedro.normalisation import check_stain_vectors, estimate_stain_vectors, normalise
-    from her2_kedro.preprocess import decode_rgb
-    from her2_kedro.tiling import TileRule, read_tile
+    from her2_kedro.features.intensity import IntensityThresholds, core_features
+    from her2_kedro.features.preprocess import decode_rgb
+    from her2_kedro.imaging.normalisation import (
+        check_stain_vectors,
+        estimate_stain_vectors,
+        normalise,
+    )
+    from her2_kedro.imaging.tiling import TileRule, read_tile
 
     rule, thresholds = TileRule(), IntensityThresholds()
     labels = pd.read_csv(REAL_CORES / "labels.csv")

@@ -2,7 +2,7 @@
 
 Renders a balanced synthetic cohort (classes 0, 1, 2-, 2+, 3 equally likely per patient, the
 default artefact rates, internal stains), computes the paper's descriptor per core (max over kept
-224 px tiles of the mean rgb2hed DAB, via ``her2_kedro.features.core_features`` and the paper's
+224 px tiles of the mean rgb2hed DAB, via ``her2_kedro.features.intensity.core_features`` and the paper's
 ``TileRule``), and fits ``LogisticRegression(class_weight="balanced")`` on the standardised
 feature for the IHC score (0-3) and the HER2 status, on a patient-level 70/30 split. Prints the
 per-class descriptor (mean +- sd), the balanced accuracies of that split, and their mean +- sd over
@@ -28,9 +28,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupShuffleSplit
 from sklearn.preprocessing import StandardScaler
 
-from her2_kedro.features import core_features
+from her2_kedro.features.intensity import core_features
+from her2_kedro.imaging.tiling import TileRule
 from her2_kedro.synthetic.cohort import BALANCED_PRIORS, render_cohort, sample_cohort
-from her2_kedro.tiling import TileRule
 
 CLASS_NAMES = ["0", "1", "2-", "2+", "3"]
 

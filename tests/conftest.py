@@ -35,8 +35,11 @@ def load_yaml(relative: str) -> dict[str, Any]:
 
 @pytest.fixture
 def catalog_config(tmp_path: Path) -> dict[str, Any]:
-    """conf/base/catalog.yml with every data path under ``tmp_path/data``."""
-    return _rebase(load_yaml("conf/base/catalog.yml"), tmp_path / "data")
+    """conf/base/catalog_*.yml, merged, with every data path under ``tmp_path/data``."""
+    catalog: dict[str, Any] = {}
+    for path in sorted((PROJECT / "conf" / "base").glob("catalog*.yml")):
+        catalog.update(yaml.safe_load(path.read_text()) or {})
+    return _rebase(catalog, tmp_path / "data")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from kedro.io.core import DatasetError
 
-from her2_kedro.datasets import (
+from her2_kedro.io.datasets import (
     MARKER,
     FileListingDataset,
     LabelTableDataset,
@@ -111,7 +111,7 @@ def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
 
 
 def test_optional_csv_is_none_until_written(tmp_path):
-    from her2_kedro.datasets import OptionalCSVDataset
+    from her2_kedro.io.datasets import OptionalCSVDataset
 
     for name in ("metrics.csv", "predictions.parquet"):
         dataset = OptionalCSVDataset(filepath=str(tmp_path / "reports" / name))
@@ -124,7 +124,7 @@ def test_figures_are_written_and_logged_to_the_active_mlflow_run(tmp_path):
     import mlflow
     from matplotlib.figure import Figure
 
-    from her2_kedro.datasets import FiguresDataset
+    from her2_kedro.io.datasets import FiguresDataset
 
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])

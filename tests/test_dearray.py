@@ -1,4 +1,4 @@
-"""Tests of TMA dearraying (her2_kedro.dearray) on synthetic slides with known labels."""
+"""Tests of TMA dearraying (her2_kedro.tma.dearray) on synthetic slides with known labels."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slide_factory as sf  # noqa: E402
 
-from her2_kedro.dearray import (  # noqa: E402
+from her2_kedro.tma.dearray import (  # noqa: E402
     DearrayParams,
     DearrayResult,
     GridCore,
@@ -25,7 +25,7 @@ from her2_kedro.dearray import (  # noqa: E402
     grid_label,
     iter_cores,
 )
-from her2_kedro.wsi import BaseSlideReader, open_slide  # noqa: E402
+from her2_kedro.tma.wsi import BaseSlideReader, open_slide  # noqa: E402
 
 PARAMS = DearrayParams(thumbnail_max_side=500)
 
@@ -234,7 +234,7 @@ def test_detect_cores_estimates_diameter_despite_debris() -> None:
 
 # --------------------------------------------------------------------------- failure modes
 # Each of these lost or mislabelled cores before dearray_slide checked every grid node on the
-# thumbnail's tissue mask (see the module docstring of her2_kedro.dearray).
+# thumbnail's tissue mask (see the module docstring of her2_kedro.tma.dearray).
 
 
 def test_core_broken_by_lumens_is_one_core(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from skimage import data
 from skimage.color import rgb2hed, rgb_from_hed
 
-from her2_kedro.features import (
+from her2_kedro.features.intensity import (
     INTENSITY_PLUS_FEATURES,
     OD_TO_SKIMAGE_DAB,
     PAPER_FEATURES,
@@ -20,13 +20,13 @@ from her2_kedro.features import (
     max_mean_dab,
     tile_mean_dab,
 )
-from her2_kedro.imaging import foreground_mask
-from her2_kedro.tiling import TileRule, tile_index
+from her2_kedro.imaging.pixels import foreground_mask
+from her2_kedro.imaging.tiling import TileRule, tile_index
 
 
 def _dab(rgb: np.ndarray) -> np.ndarray:
     try:
-        from her2_kedro.stain import dab_channel
+        from her2_kedro.imaging.stain import dab_channel
     except ImportError:
         return rgb2hed(rgb)[..., 2].astype(np.float32)
     return dab_channel(rgb)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from her2_kedro.ingest import SourceResult, core_id_for, ingest_core_folder, merge_sources
-from her2_kedro.qc.images import ImageCheckParams
+from her2_kedro.tma.ingest import SourceResult, core_id_for, ingest_core_folder, merge_sources
+from her2_kedro.tma.qc.images import ImageCheckParams
 
 
 def _core(seed: int) -> np.ndarray:

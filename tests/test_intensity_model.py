@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from her2_kedro.intensity_model import (
+from her2_kedro.evaluation.metrics import classification_metrics
+from her2_kedro.modelling.intensity_lr import (
     IntensityModel,
     fit_intensity_lr,
     fit_sklearn_pipeline,
     model_from_sklearn,
 )
-from her2_kedro.metrics import classification_metrics
 
 
 def _toy(n_classes: int, per_class: int = 15, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from her2_kedro.metrics import (
+from her2_kedro.evaluation.metrics import (
     METRIC_COLUMNS,
     append_metrics,
     classification_metrics,
@@ -148,7 +148,7 @@ def test_figures_render_without_pyplot_state() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from her2_kedro.plots import confusion_figure, crosstab_figure
+    from her2_kedro.reporting.plots import confusion_figure, crosstab_figure
 
     before = plt.get_fignums()
     conf = confusion_frame([0, 0, 1, 3], [0, 1, 1, 3], [0, 1, 2, 3])

@@ -9,8 +9,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from her2_kedro.imaging import foreground_mask
-from her2_kedro.normalisation import (
+from her2_kedro.imaging.normalisation import (
     REFERENCE_DAB,
     REFERENCE_HAEMATOXYLIN,
     StainEstimationError,
@@ -21,6 +20,7 @@ from her2_kedro.normalisation import (
     normalise,
     preview_figure,
 )
+from her2_kedro.imaging.pixels import foreground_mask
 
 EXTERNAL_H = (0.55, 0.78, 0.30)
 EXTERNAL_D = (0.20, 0.50, 0.84)

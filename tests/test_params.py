@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from her2_kedro.params import ParameterError, SyntheticParams, validate_parameters
+from her2_kedro.config import ParameterError, SyntheticParams, validate_parameters
 
 
 def test_shipped_parameters_are_valid(base_params):

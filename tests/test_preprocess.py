@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from her2_kedro import preprocess
-from her2_kedro.features import IntensityThresholds
-from her2_kedro.normalisation import StainEstimationError, angle_degrees
+from her2_kedro.features import preprocess
+from her2_kedro.features.intensity import IntensityThresholds
+from her2_kedro.imaging.normalisation import StainEstimationError, angle_degrees
+from her2_kedro.imaging.tiling import TileRule
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS
 from her2_kedro.synthetic.tissue import CoreSpec, render_core
-from her2_kedro.tiling import TileRule
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for her2_kedro.qc.images: every rejection mode and every accepted conversion."""
+"""Tests for her2_kedro.tma.qc.images: every rejection mode and every accepted conversion."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from her2_kedro.qc.images import CheckedImage, ImageCheckParams, check_image, has_tissue_tile
+from her2_kedro.tma.qc.images import CheckedImage, ImageCheckParams, check_image, has_tissue_tile
 
 BACKGROUND = (236, 236, 243)
 PARAMS = ImageCheckParams()
@@ -335,8 +335,8 @@ def test_importing_histomicstk_keeps_pillows_bomb_guard() -> None:
 
     code = (
         "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
-        "import her2_kedro.normalisation, her2_kedro.stain; "
-        "her2_kedro.stain.stain_matrix('histomicstk_hdab'); "
+        "import her2_kedro.imaging.normalisation, her2_kedro.imaging.stain; "
+        "her2_kedro.imaging.stain.stain_matrix('histomicstk_hdab'); "
         "assert Image.MAX_IMAGE_PIXELS == before is not None, Image.MAX_IMAGE_PIXELS"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

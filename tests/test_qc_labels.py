@@ -1,12 +1,13 @@
-"""Tests for her2_kedro.qc.labels: each label problem is reported and every other row goes on."""
+"""Tests for her2_kedro.tma.qc.labels: each label problem is reported and every other row goes on."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from her2_kedro.qc.labels import FIVE_CLASSES, five_class, validate_labels, validate_slide_map
-from her2_kedro.qc.report import (
+from her2_kedro.schema import FIVE_CLASSES
+from her2_kedro.tma.qc.labels import five_class, validate_labels, validate_slide_map
+from her2_kedro.tma.qc.report import (
     ACCEPTED,
     QC_COLUMNS,
     REJECTED,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from her2_kedro.ingest import ingest_core_folder
-from her2_kedro.qc.images import ImageCheckParams
+from her2_kedro.tma.ingest import ingest_core_folder
+from her2_kedro.tma.qc.images import ImageCheckParams
 from tests.conftest import REAL_CORES
 
 pytestmark = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_fast_deconvolution_equals_rgb2hed_on_a_real_core():
     from PIL import Image
     from skimage.color import rgb2hed
 
-    from her2_kedro.stain import dab_channel, rgb_to_hed
+    from her2_kedro.imaging.stain import dab_channel, rgb_to_hed
 
     path = next(p for p in sorted(REAL_CORES.glob("3_*.jpg")))
     with Image.open(path) as image:

@@ -10,7 +10,7 @@ import yaml
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from her2_kedro.params import ParameterError
+from her2_kedro.config import ParameterError
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests for her2_kedro.splits: patient-level, stratified, deterministic splits."""
+"""Tests for her2_kedro.tma.splits: patient-level, stratified, deterministic splits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from her2_kedro.qc.labels import FIVE_CLASSES
-from her2_kedro.splits import assign_splits, patient_class, validate_fractions
+from her2_kedro.schema import FIVE_CLASSES
+from her2_kedro.tma.splits import assign_splits, patient_class, validate_fractions
 
 
 def cohort(n_patients: int, seed: int, given_fraction: float = 0.0) -> pd.DataFrame:

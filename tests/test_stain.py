@@ -7,7 +7,7 @@ import pytest
 from skimage import data
 from skimage.color import rgb2hed, separate_stains
 
-from her2_kedro.stain import (
+from her2_kedro.imaging.stain import (
     STAIN_MATRIX_NAMES,
     dab_channel,
     deconvolve,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from her2_kedro import study
+from her2_kedro.evaluation import study
 
 
 def _manifest_and_features(n=60, seed=0, external=0):

@@ -12,7 +12,7 @@ from skimage.color import rgb2hed
 from skimage.measure import label
 from sklearn.metrics import roc_auc_score
 
-from her2_kedro.imaging import foreground_mask
+from her2_kedro.imaging.pixels import foreground_mask
 from her2_kedro.synthetic.cohort import (
     BALANCED_PRIORS,
     CLASSES,

@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from her2_kedro.imaging import foreground_mask
-from her2_kedro.tiling import (
-    TILE_COLUMNS,
+from her2_kedro.imaging.pixels import foreground_mask
+from her2_kedro.imaging.tiling import (
     TileRule,
     foreground_mask_fast,
     iter_tiles,
@@ -16,6 +15,7 @@ from her2_kedro.tiling import (
     tile_index,
     tile_origins,
 )
+from her2_kedro.schema import TILE_COLUMNS
 
 WHITE = 255
 TISSUE = 120  # grey 120 < 220: foreground

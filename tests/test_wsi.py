@@ -1,4 +1,4 @@
-"""Tests of the whole-slide reader layer (her2_kedro.wsi)."""
+"""Tests of the whole-slide reader layer (her2_kedro.tma.wsi)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slide_factory as sf  # noqa: E402
 
-from her2_kedro import wsi  # noqa: E402
-from her2_kedro.wsi import (  # noqa: E402
+from her2_kedro.tma import wsi  # noqa: E402
+from her2_kedro.tma.wsi import (  # noqa: E402
     OpenSlideReader,
     PILSlideReader,
     SlideReader,

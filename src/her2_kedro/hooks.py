@@ -5,7 +5,7 @@ from __future__ import annotations
 from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 
-from her2_kedro.params import validate_parameters
+from her2_kedro.config import validate_parameters
 
 
 class ValidateParametersHook:

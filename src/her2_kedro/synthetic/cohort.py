@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pandas as pd
 
+from her2_kedro.schema import FIVE_CLASSES, PAPER_CLASS_COUNTS, SCORE_OF_CLASS, STATUS_OF_CLASS
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
 from her2_kedro.synthetic.tissue import (
     DAB_GAIN_SD,
@@ -35,13 +36,13 @@ from her2_kedro.synthetic.tissue import (
     render_core,
 )
 
-CLASSES: tuple[str, ...] = ("0", "1", "2-", "2+", "3")
+CLASSES = FIVE_CLASSES
 BALANCED_PRIORS: dict[str, float] = {c: 1.0 for c in CLASSES}
-PAPER_PRIORS: dict[str, float] = {"0": 1094, "1": 34, "2-": 14, "2+": 46, "3": 93}
+PAPER_PRIORS = PAPER_CLASS_COUNTS
 DEFAULT_ARTEFACT_RATES: dict[str, float] = {"tear": 0.1, "fold": 0.1, "partial": 0.1, "blur": 0.1}
 
-_SCORE = {"0": 0, "1": 1, "2-": 2, "2+": 2, "3": 3}
-_STATUS = {"0": 0, "1": 0, "2-": 0, "2+": 1, "3": 1}
+_SCORE = SCORE_OF_CLASS
+_STATUS = STATUS_OF_CLASS
 COLUMNS: tuple[str, ...] = (
     "filename",
     "patient_id",

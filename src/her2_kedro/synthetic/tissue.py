@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from her2_kedro.imaging import encode_jpeg  # noqa: F401  (re-exported: the synthetic API's encoder)
+from her2_kedro.imaging.pixels import encode_jpeg  # noqa: F401  (re-exported: the synthetic API's encoder)
 from her2_kedro.synthetic.optics import INTERNAL_STAINS, StainSet, render_optical_density
 
 _STRIP_ROWS = 384

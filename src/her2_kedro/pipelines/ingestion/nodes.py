@@ -8,13 +8,13 @@ from typing import Any
 
 import pandas as pd
 
-from her2_kedro import ingest
-from her2_kedro.datasets import LabelTable
-from her2_kedro.dearray import DearrayParams
-from her2_kedro.params import IngestionParams
-from her2_kedro.qc.images import ImageCheckParams
-from her2_kedro.qc.report import QCProblem, qc_table
-from her2_kedro.splits import assign_splits
+from her2_kedro.config import IngestionParams
+from her2_kedro.io.datasets import LabelTable
+from her2_kedro.tma import ingest
+from her2_kedro.tma.dearray import DearrayParams
+from her2_kedro.tma.qc.images import ImageCheckParams
+from her2_kedro.tma.qc.report import QCProblem, qc_table
+from her2_kedro.tma.splits import assign_splits
 
 logger = logging.getLogger(__name__)
 

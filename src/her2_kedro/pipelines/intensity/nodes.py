@@ -8,11 +8,11 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from her2_kedro import study
-from her2_kedro.intensity_model import IntensityModel
-from her2_kedro.metrics import append_metrics, mlflow_metric_names
-from her2_kedro.params import IntensityModelConfig, IntensityStudyParams, TaskConfig
-from her2_kedro.plots import confusion_figure, crosstab_figure
+from her2_kedro.config import IntensityModelConfig, IntensityStudyParams, TaskConfig
+from her2_kedro.evaluation import study
+from her2_kedro.evaluation.metrics import append_metrics, mlflow_metric_names
+from her2_kedro.modelling.intensity_lr import IntensityModel
+from her2_kedro.reporting.plots import confusion_figure, crosstab_figure
 
 logger = logging.getLogger(__name__)
 

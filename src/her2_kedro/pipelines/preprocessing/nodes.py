@@ -9,11 +9,16 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from her2_kedro import preprocess
-from her2_kedro.features import INTENSITY_PLUS_FEATURES, PAPER_FEATURES, IntensityThresholds
-from her2_kedro.normalisation import StainEstimationError, StainVectors, preview_figure
-from her2_kedro.params import PreprocessingParams
-from her2_kedro.tiling import TILE_COLUMNS, TileRule
+from her2_kedro.config import PreprocessingParams
+from her2_kedro.features import preprocess
+from her2_kedro.features.intensity import (
+    INTENSITY_PLUS_FEATURES,
+    PAPER_FEATURES,
+    IntensityThresholds,
+)
+from her2_kedro.imaging.normalisation import StainEstimationError, StainVectors, preview_figure
+from her2_kedro.imaging.tiling import TileRule
+from her2_kedro.schema import TILE_COLUMNS
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from her2_kedro.datasets import SyntheticCohort
-from her2_kedro.params import SyntheticParams
+from her2_kedro.config import SyntheticParams
+from her2_kedro.io.datasets import SyntheticCohort
 from her2_kedro.synthetic import GENERATOR_VERSION
 from her2_kedro.synthetic.cohort import core_spec_from_row, render_cohort, sample_cohort
 from her2_kedro.synthetic.slide import SlideSpec, slide_layout, write_synthetic_slide

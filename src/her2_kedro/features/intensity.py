@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from her2_kedro.tiling import (
+from her2_kedro.imaging.tiling import (
     PAPER_RULE,
     TileRule,
     all_tiles,
@@ -152,9 +152,9 @@ def intensity_plus(
 
 
 def _dab_of(rgb: np.ndarray) -> np.ndarray:
-    """DAB channel via her2_kedro.stain (imported lazily); skimage's rgb2hed if it is absent."""
+    """DAB channel via her2_kedro.imaging.stain (imported lazily); skimage's rgb2hed if it is absent."""
     try:
-        from her2_kedro.stain import dab_channel
+        from her2_kedro.imaging.stain import dab_channel
     except ImportError:  # stain.py not written yet: same definition, straight from skimage
         from skimage.color import rgb2hed
 

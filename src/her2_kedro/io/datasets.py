@@ -101,7 +101,7 @@ class LabelTableDataset(AbstractDataset[LabelTable, None]):
     """Optional label table (``labels.csv``, ``slide_map.csv``), every cell read as text.
 
     Missing → ``LabelTable(frame=None)``; unparseable → ``LabelTable(frame=None, error=...)`` naming the
-    file and the parser's complaint. Validation of the values happens in ``her2_kedro.qc.labels``.
+    file and the parser's complaint. Validation of the values happens in ``her2_kedro.tma.qc.labels``.
     """
 
     def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:

@@ -14,11 +14,8 @@ from dataclasses import astuple, dataclass
 
 import pandas as pd
 
-from her2_kedro.qc.report import QCProblem
+from her2_kedro.schema import DEFAULT_COHORT, SPLITS, QCProblem
 
-FIVE_CLASSES = ("0", "1", "2-", "2+", "3")
-SPLITS = ("train", "val", "test")
-DEFAULT_COHORT = "internal"
 LABEL_COLUMNS = ["ihc_score", "her2_status", "five_class", "patient_id", "split", "cohort"]
 LABELS_OUTPUT_COLUMNS = ["filename", *LABEL_COLUMNS]
 SLIDE_MAP_OUTPUT_COLUMNS = ["core_id", "slide", "core", *LABEL_COLUMNS]

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from her2_kedro.imaging import BACKGROUND_GREY
+from her2_kedro.imaging.pixels import BACKGROUND_GREY
 
 #: Integer grey weights: 10_000 x (0.2989, 0.587, 0.114); the products fit int32 without loss.
 INT_GREY_WEIGHTS = (2989, 5870, 1140)
 INT_GREY_SCALE = 10_000
 
-TILE_COLUMNS = ["core_id", "x", "y", "tissue_fraction"]
 
 # Rows of the image processed at once by the foreground pass (keeps temporaries in cache).
 _BAND_ROWS = 224

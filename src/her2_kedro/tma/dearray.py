@@ -35,8 +35,8 @@ from skimage.feature import peak_local_max
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
-from her2_kedro.imaging import grey
-from her2_kedro.wsi import SlideReader
+from her2_kedro.imaging.pixels import grey
+from her2_kedro.tma.wsi import SlideReader
 
 __all__ = [
     "DearrayParams",

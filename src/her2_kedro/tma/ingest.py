@@ -18,30 +18,16 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from her2_kedro.dearray import DearrayParams, dearray_slide, extract_core
-from her2_kedro.imaging import encode_jpeg, encode_png
-from her2_kedro.qc.images import CheckedImage, ImageCheckParams, check_image
-from her2_kedro.qc.labels import slide_stem, validate_labels, validate_slide_map
-from her2_kedro.qc.report import QCProblem
-from her2_kedro.wsi import SlideReadError, open_slide
+from her2_kedro.imaging.pixels import encode_jpeg, encode_png
+from her2_kedro.schema import MANIFEST_COLUMNS, QCProblem
+from her2_kedro.tma.dearray import DearrayParams, dearray_slide, extract_core
+from her2_kedro.tma.qc.images import CheckedImage, ImageCheckParams, check_image
+from her2_kedro.tma.qc.labels import slide_stem, validate_labels, validate_slide_map
+from her2_kedro.tma.wsi import SlideReadError, open_slide
 
 logger = logging.getLogger(__name__)
 
-RECORD_COLUMNS = [
-    "core_id",
-    "source",
-    "filename",
-    "patient_id",
-    "ihc_score",
-    "her2_status",
-    "five_class",
-    "split",
-    "cohort",
-    "width",
-    "height",
-    "content_hash",
-    "image",
-]
+RECORD_COLUMNS = MANIFEST_COLUMNS
 
 Payloads = dict[str, Callable[[], bytes]]
 

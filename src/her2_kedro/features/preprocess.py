@@ -18,17 +18,17 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from her2_kedro.features import IntensityThresholds, core_features
-from her2_kedro.normalisation import (
+from her2_kedro.features.intensity import IntensityThresholds, core_features
+from her2_kedro.imaging.normalisation import (
     StainEstimationError,
     StainVectors,
     check_stain_vectors,
     estimate_stain_vectors,
     normalise,
 )
-from her2_kedro.qc.report import QCProblem
-from her2_kedro.stain import dab_channel, stain_matrix
-from her2_kedro.tiling import TileRule, read_tile, tile_index
+from her2_kedro.imaging.stain import dab_channel, stain_matrix
+from her2_kedro.imaging.tiling import TileRule, read_tile, tile_index
+from her2_kedro.schema import QCProblem
 
 logger = logging.getLogger(__name__)
 

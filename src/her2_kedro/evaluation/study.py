@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from her2_kedro.intensity_model import IntensityModel, fit_intensity_lr
-from her2_kedro.metrics import (
+from her2_kedro.evaluation.metrics import (
     classification_metrics,
     confusion_frame,
     metrics_row,
     status_crosstab,
 )
-from her2_kedro.qc.report import QCProblem
+from her2_kedro.modelling.intensity_lr import IntensityModel, fit_intensity_lr
+from her2_kedro.schema import QCProblem
 
 logger = logging.getLogger(__name__)
 

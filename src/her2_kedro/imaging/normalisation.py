@@ -4,7 +4,7 @@ Units: everything here uses HistomicsTK's optical density ("SDA") with ``I_0=Non
 ``sda = -ln((v + 1) / 256) * 255 / ln(256)`` (0 for white, ~255 for black); stain vectors are
 unit vectors in that space (their directions equal Beer-Lambert OD directions up to the +1
 offset). Stain matrices follow the project order of columns (haematoxylin, residual, DAB), as in
-:mod:`her2_kedro.stain`, so ``her2_kedro.stain.dab_channel(rgb, vectors.matrix())`` works too.
+:mod:`her2_kedro.imaging.stain`, so ``her2_kedro.imaging.stain.dab_channel(rgb, vectors.matrix())`` works too.
 
 Macenko's method cannot tell which of its two vectors is which stain; vectors are assigned by
 their angle to the Ruifrok-Johnston references and :func:`check_stain_vectors` documents and
@@ -23,15 +23,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from her2_kedro._histomicstk import (
+from her2_kedro.imaging._histomicstk import (
     color_convolution,
     color_deconvolution,
     rgb_to_sda,
     separate_stains_macenko_pca,
     stain_color_map,
 )
-from her2_kedro.imaging import BACKGROUND_GREY, foreground_mask
-from her2_kedro.stain import lookup_channel_tables
+from her2_kedro.imaging.pixels import BACKGROUND_GREY, foreground_mask
+from her2_kedro.imaging.stain import lookup_channel_tables
 
 __all__ = [
     "REFERENCE_DAB",

@@ -19,7 +19,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from her2_kedro.imaging import BACKGROUND_GREY, GREY_WEIGHTS
+from her2_kedro.imaging.pixels import BACKGROUND_GREY, GREY_WEIGHTS
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # PIL reports some JPEGs (multi-picture, e.g. from cameras) as MPO; they are JPEG streams.

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import pandas as pd
 
-ACCEPTED = "accepted"
-REJECTED = "rejected"
-QC_COLUMNS = ["source", "core_id", "status", "reason"]
+from her2_kedro.schema import ACCEPTED, QC_COLUMNS, REJECTED, QCProblem
 
-
-@dataclass(frozen=True)
-class QCProblem:
-    """One rejected input: where it came from, which file/core it concerns, and why.
-
-    `source` names the input ("cores", "labels.csv", "slides/slide1.tif", "slide_map.csv"),
-    `core_id` the file name or core id concerned ("" when none), `reason` the problem in words.
-    """
-
-    source: str
-    core_id: str
-    reason: str
+__all__ = ["ACCEPTED", "QC_COLUMNS", "REJECTED", "QCProblem", "accepted_reason", "qc_table"]
 
 
 def qc_table(

@@ -25,7 +25,7 @@ with ``I_0=None``): ``sda = -ln((v + 1) / 256) * 255 / ln(256)`` -- natural log,
 intensity 256 after adding 1, scaled to 0..255 -- and ``color_deconvolution`` normalises the stain
 columns to unit length and uses a pseudo-inverse, without clipping. Its values are roughly
 ``255 * 6 / log10(256) ~ 635`` times ours (apart from the +1 offset), so directions of stain
-vectors agree but magnitudes do not; :mod:`her2_kedro.normalisation` uses HistomicsTK's units.
+vectors agree but magnitudes do not; :mod:`her2_kedro.imaging.normalisation` uses HistomicsTK's units.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def stain_matrix(name: str = "skimage_hed") -> np.ndarray:
     """
     if name == "skimage_hed":
         return np.array(_SKIMAGE_RGB_FROM_HED, dtype=np.float64).T.copy()
-    from her2_kedro._histomicstk import stain_color_map
+    from her2_kedro.imaging._histomicstk import stain_color_map
 
     h = _unit(stain_color_map["hematoxylin"])
     d = _unit(stain_color_map["dab"])

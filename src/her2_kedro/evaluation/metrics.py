@@ -19,19 +19,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-METRIC_NAMES = [
-    "n",
-    "balanced_accuracy",
-    "precision_weighted",
-    "recall_weighted",
-    "f1_weighted",
-    "auroc",
-]
-METRIC_COLUMNS = ["model", "task", "split", *METRIC_NAMES]
-KEY_COLUMNS = ["model", "task", "split"]
+from her2_kedro.schema import FIVE_CLASSES, METRIC_COLUMNS, METRIC_KEY_COLUMNS, METRIC_NAMES
 
-#: The paper's five label classes (score 2 split by HER2 status) and Table 2's row names.
-FIVE_CLASSES = ["0", "1", "2-", "2+", "3"]
+#: Table 2's names of the HER2 status.
 STATUS_NAMES = {0: "Negative", 1: "Positive"}
 
 
@@ -153,11 +143,13 @@ def append_metrics(existing: pd.DataFrame | None, rows: pd.DataFrame) -> pd.Data
         out = rows
     else:
         existing = existing.reindex(columns=METRIC_COLUMNS)
-        new_keys = set(map(tuple, rows[KEY_COLUMNS].astype(str).to_numpy()))
-        keep = [tuple(k) not in new_keys for k in existing[KEY_COLUMNS].astype(str).to_numpy()]
+        new_keys = set(map(tuple, rows[METRIC_KEY_COLUMNS].astype(str).to_numpy()))
+        keep = [
+            tuple(k) not in new_keys for k in existing[METRIC_KEY_COLUMNS].astype(str).to_numpy()
+        ]
         out = pd.concat([existing[keep], rows], ignore_index=True)
-    out = out.drop_duplicates(subset=KEY_COLUMNS, keep="last")
-    return out.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+    out = out.drop_duplicates(subset=METRIC_KEY_COLUMNS, keep="last")
+    return out.sort_values(METRIC_KEY_COLUMNS, kind="stable").reset_index(drop=True)
 
 
 def mlflow_metric_names(

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from her2_kedro.qc.labels import FIVE_CLASSES, SPLITS
-from her2_kedro.qc.report import QCProblem
+from her2_kedro.schema import FIVE_CLASSES, SPLITS, QCProblem
 
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
 

@@ -1,0 +1,49 @@
+"""Parameters of the intensity study (``parameters_intensity.yml``): models and tasks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from her2_kedro.config.base import Strict
+
+
+class IntensityModelConfig(Strict):
+    """One intensity model: its feature set and the C values tried on the validation split."""
+
+    name: str
+    features: list[str] = Field(min_length=1)
+    standardize: bool = True
+    c_grid: list[float] = Field([0.01, 0.1, 1.0, 10.0, 100.0], min_length=1)
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError("every C must be > 0")
+        return value
+
+
+class TaskConfig(Strict):
+    """A prediction task: its name and the manifest column it predicts."""
+
+    name: Literal["ihc_score", "her2_status"]
+    target: Literal["ihc_score", "her2_status"]
+
+
+class IntensityStudyParams(Strict):
+    """The intensity study (``parameters_intensity.yml``): models, tasks, evaluation-only cohorts."""
+
+    seed: int = 0
+    evaluation_only_cohorts: list[str] = ["external"]
+    tasks: dict[str, TaskConfig]
+    models: dict[str, IntensityModelConfig]
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> IntensityStudyParams:
+        for kind, entries in (("tasks", self.tasks), ("models", self.models)):
+            for key, entry in entries.items():
+                if key != entry.name:
+                    raise ValueError(f"{kind}.{key}.name must be {key!r} (got {entry.name!r})")
+        return self

@@ -1,0 +1,1 @@
+"""Balanced metrics, tasks, model selection on validation and evaluation on test and external."""

@@ -1,0 +1,1 @@
+"""Per-core preprocessing (normalise, tile, deconvolve) and the staining-intensity descriptors."""

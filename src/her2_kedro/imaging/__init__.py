@@ -1,0 +1,1 @@
+"""Pixels and stains: the grey/foreground rule, tiling, colour deconvolution, Macenko normalisation."""

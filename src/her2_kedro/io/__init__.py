@@ -1,0 +1,1 @@
+"""Kedro dataset classes: defensive raw inputs, lazily written cores, figures, the synthetic cohort."""

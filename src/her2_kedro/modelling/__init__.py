@@ -1,0 +1,1 @@
+"""The models: the intensity logistic regression now; attention MIL, ResNet34 and CLAM to come."""

@@ -1,0 +1,1 @@
+"""Report figures: confusion matrices and the paper's Table 2 cross-tabulation."""

@@ -1,0 +1,1 @@
+"""Tissue microarrays in: slide reading, dearraying, ingestion with QC, patient-level splits."""
