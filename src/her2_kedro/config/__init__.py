@@ -17,12 +17,13 @@ from her2_kedro.config.preprocessing import (
     PreprocessingParams,
     StainNormalisationConfig,
     ThresholdConfig,
-    TileConfig,
 )
+from her2_kedro.config.shared import CohortsConfig, TileConfig
 from her2_kedro.config.synthetic import ArtefactRates, SyntheticParams, SyntheticSlides
 
 __all__ = [
     "ArtefactRates",
+    "CohortsConfig",
     "DearrayConfig",
     "ImageChecks",
     "IngestionParams",
@@ -46,6 +47,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "ingestion": IngestionParams,
     "preprocessing": PreprocessingParams,
     "intensity_study": IntensityStudyParams,
+    "tiles": TileConfig,
+    "cohorts": CohortsConfig,
 }
 
 

@@ -14,9 +14,6 @@ class ImageChecks(Strict):
 
     max_pixels: int = Field(100_000_000, ge=1)
     min_side: int = Field(224, ge=1)
-    tile_size: int = Field(224, ge=1)
-    background_grey: float = Field(220.0, ge=0, le=255)
-    min_tile_tissue: float = Field(0.05, ge=0, le=1)
 
 
 class DearrayConfig(Strict):
@@ -28,7 +25,6 @@ class DearrayConfig(Strict):
     n_cols: int | None = Field(None, ge=1)
     core_diameter_px: float | None = Field(None, gt=0)
     thumbnail_max_side: int = Field(2048, ge=256)
-    background_grey: float = Field(220.0, ge=0, le=255)
     min_area_fraction: float = Field(0.35, gt=0, le=1)
     max_offgrid: float = Field(0.35, gt=0, le=0.5)
     margin: float = Field(0.05, ge=0, le=0.5)

@@ -36,7 +36,6 @@ class IntensityStudyParams(Strict):
     """The intensity study (``parameters_intensity.yml``): models, tasks, evaluation-only cohorts."""
 
     seed: int = 0
-    evaluation_only_cohorts: list[str] = ["external"]
     tasks: dict[str, TaskConfig]
     models: dict[str, IntensityModelConfig]
 

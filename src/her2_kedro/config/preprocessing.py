@@ -9,21 +9,12 @@ from pydantic import Field, model_validator
 from her2_kedro.config.base import Strict
 
 
-class TileConfig(Strict):
-    """The paper's tile rule (authors' code: 224 px, stride 224 from (0, 0), >5 % tissue)."""
-
-    tile_size: int = Field(224, ge=16)
-    stride: int = Field(224, ge=1)
-    background_grey: float = Field(220.0, ge=0, le=255)
-    min_tissue: float = Field(0.05, ge=0, lt=1)
-
-
 class ThresholdConfig(Strict):
     """DAB positivity thresholds for intensity+, in rgb2hed DAB units (decimal OD / 6)."""
 
     weak: float = Field(0.2 / 6, gt=0)
     moderate: float = Field(0.4 / 6, gt=0)
-    strong: float = Field(0.6 / 6, gt=0)
+    strong: float = Field(0.1, gt=0)  # OD 0.6
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdConfig:
@@ -33,9 +24,8 @@ class ThresholdConfig(Strict):
 
 
 class StainNormalisationConfig(Strict):
-    """Macenko reference from training tiles, applied to the cohorts listed in normalise_cohorts."""
+    """Macenko reference from training tiles, applied to the ``cohorts.stain_normalised`` cohorts."""
 
-    normalise_cohorts: list[str] = ["external"]
     reference_splits: list[Literal["train", "val", "test"]] = ["train"]
     max_reference_cores: int = Field(40, ge=1)
     tiles_per_core: int = Field(8, ge=1)
@@ -47,6 +37,5 @@ class PreprocessingParams(Strict):
     """Everything the preprocessing pipeline reads from ``parameters_preprocessing.yml``."""
 
     stain_matrix: Literal["skimage_hed", "histomicstk_hdab", "histomicstk_hed"] = "skimage_hed"
-    tiles: TileConfig = TileConfig()
     intensity_thresholds: ThresholdConfig = ThresholdConfig()
     stain_normalisation: StainNormalisationConfig = StainNormalisationConfig()

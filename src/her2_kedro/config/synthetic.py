@@ -46,7 +46,7 @@ class SyntheticParams(Strict):
     n_patients: int = Field(60, ge=1)
     cores_per_patient: tuple[int, int] = (1, 2)
     class_priors: Literal["balanced", "paper"] | dict[str, float] = "balanced"
-    external_fraction: float = Field(0.0, ge=0, le=1)
+    external_fraction: float = Field(0.15, ge=0, le=1)
     status_cue_strength: float = Field(0.9, ge=0.5, le=1)
     core_size: int = Field(672, ge=224)
     cell_diameter_px: float = Field(24.0, gt=2)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from her2_kedro.config import IngestionParams
+from her2_kedro.config import DearrayConfig, ImageChecks, SplitConfig, TileConfig
 from her2_kedro.io.datasets import LabelTable
 from her2_kedro.tma import ingest
 from her2_kedro.tma.dearray import DearrayParams
@@ -21,12 +21,16 @@ logger = logging.getLogger(__name__)
 PROBLEM_COLUMNS = ["source", "core_id", "reason"]
 
 
-def _params(params: dict[str, Any]) -> IngestionParams:
-    return IngestionParams.model_validate(params)
-
-
-def _checks(params: IngestionParams) -> ImageCheckParams:
-    return ImageCheckParams(**params.image_checks.model_dump())
+def _checks(image_checks: dict[str, Any], tiles: dict[str, Any]) -> ImageCheckParams:
+    c = ImageChecks.model_validate(image_checks)
+    t = TileConfig.model_validate(tiles)
+    return ImageCheckParams(
+        max_pixels=c.max_pixels,
+        min_side=c.min_side,
+        tile_size=t.tile_size,
+        background_grey=t.background_grey,
+        min_tile_tissue=t.min_tissue,
+    )
 
 
 def _problem_frame(problems: list[QCProblem]) -> pd.DataFrame:
@@ -36,31 +40,38 @@ def _problem_frame(problems: list[QCProblem]) -> pd.DataFrame:
 
 
 def ingest_core_folder(
-    core_files: dict[str, Path], labels: LabelTable, params: dict[str, Any]
+    core_files: dict[str, Path],
+    labels: LabelTable,
+    image_checks: dict[str, Any],
+    tiles: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, ingest.Payloads]:
     """Accepted cores of the cores folder, their problems, and lazy writers of their images."""
     result = ingest.ingest_core_folder(
-        core_files, labels.frame, labels.error, _checks(_params(params))
+        core_files, labels.frame, labels.error, _checks(image_checks, tiles)
     )
     return result.records, _problem_frame(result.problems), result.payloads
 
 
 def ingest_slides(
-    slide_files: dict[str, Path], slide_map: LabelTable, params: dict[str, Any]
+    slide_files: dict[str, Path],
+    slide_map: LabelTable,
+    dearray_config: dict[str, Any],
+    image_checks: dict[str, Any],
+    tiles: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, ingest.Payloads]:
     """Dearrayed, labelled and QC'd cores of the whole slides, their problems and their images."""
-    p = _params(params)
-    d = p.dearray
+    d = DearrayConfig.model_validate(dearray_config)
     grid = d.model_dump(exclude={"jpeg_quality", "max_slide_pixels"})
     if grid["column_labels"] is not None:
         grid["column_labels"] = tuple(grid["column_labels"])
-    dearray = DearrayParams(**grid)
+    checks = _checks(image_checks, tiles)
+    dearray = DearrayParams(**grid, background_grey=checks.background_grey)
     result = ingest.ingest_slides(
         slide_files,
         slide_map.frame,
         slide_map.error,
         dearray,
-        _checks(p),
+        checks,
         jpeg_quality=d.jpeg_quality,
         max_slide_pixels=d.max_slide_pixels,
     )
@@ -68,10 +79,10 @@ def ingest_slides(
 
 
 def build_manifest(
-    folder_records: pd.DataFrame, slide_records: pd.DataFrame, params: dict[str, Any]
+    folder_records: pd.DataFrame, slide_records: pd.DataFrame, splits: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Merge both sources, drop duplicates, and split by patient (given splits honoured)."""
-    p = _params(params).splits
+    p = SplitConfig.model_validate(splits)
     merged, problems = ingest.merge_sources(
         ingest.SourceResult(folder_records), ingest.SourceResult(slide_records)
     )

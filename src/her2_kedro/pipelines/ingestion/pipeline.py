@@ -11,19 +11,30 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.ingest_core_folder,
-                inputs=["raw_core_files", "raw_labels", "params:ingestion"],
+                inputs=[
+                    "raw_core_files",
+                    "raw_labels",
+                    "params:ingestion.image_checks",
+                    "params:tiles",
+                ],
                 outputs=["folder_records", "folder_problems", "folder_payloads"],
                 name="ingest_core_folder",
             ),
             Node(
                 nodes.ingest_slides,
-                inputs=["raw_slide_files", "raw_slide_map", "params:ingestion"],
+                inputs=[
+                    "raw_slide_files",
+                    "raw_slide_map",
+                    "params:ingestion.dearray",
+                    "params:ingestion.image_checks",
+                    "params:tiles",
+                ],
                 outputs=["slide_records", "slide_problems", "slide_payloads"],
                 name="dearray_slides",
             ),
             Node(
                 nodes.build_manifest,
-                inputs=["folder_records", "slide_records", "params:ingestion"],
+                inputs=["folder_records", "slide_records", "params:ingestion.splits"],
                 outputs=["core_manifest", "manifest_problems"],
                 name="build_manifest",
             ),

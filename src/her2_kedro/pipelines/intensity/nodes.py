@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from her2_kedro.config import IntensityModelConfig, IntensityStudyParams, TaskConfig
+from her2_kedro.config import CohortsConfig, IntensityModelConfig, TaskConfig
 from her2_kedro.evaluation import study
 from her2_kedro.evaluation.metrics import append_metrics, mlflow_metric_names
 from her2_kedro.modelling.intensity_lr import IntensityModel
@@ -26,13 +26,13 @@ def build_task_table(
     features: pd.DataFrame,
     task: dict[str, Any],
     model: dict[str, Any],
-    study_params: dict[str, Any],
+    cohorts: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Cores with labels, split and this model's features; cores without features reported."""
     m = IntensityModelConfig.model_validate(model)
-    s = IntensityStudyParams.model_validate(study_params)
+    evaluation_only = CohortsConfig.model_validate(cohorts).evaluation_only
     table, problems = study.task_frame(
-        core_manifest, features, _task(task), m.features, s.evaluation_only_cohorts
+        core_manifest, features, _task(task), m.features, evaluation_only
     )
     return table, pd.DataFrame(
         [(p.source, p.core_id, p.reason) for p in problems], columns=["source", "core_id", "reason"]
@@ -40,11 +40,10 @@ def build_task_table(
 
 
 def fit_model(
-    table: pd.DataFrame, task: dict[str, Any], model: dict[str, Any], study_params: dict[str, Any]
+    table: pd.DataFrame, task: dict[str, Any], model: dict[str, Any], seed: int
 ) -> tuple[str, pd.DataFrame]:
     """Balanced logistic regression fitted on train, C chosen on validation; the model as JSON."""
     m = IntensityModelConfig.model_validate(model)
-    seed = IntensityStudyParams.model_validate(study_params).seed
     fitted, selection = study.select_and_fit(
         table, m.features, _task(task), m.c_grid, m.standardize, seed
     )

@@ -17,13 +17,19 @@ def study_template() -> Pipeline:
         [
             Node(
                 nodes.build_task_table,
-                inputs=["core_manifest", "features", "params:task", "params:model", "params:study"],
+                inputs=[
+                    "core_manifest",
+                    "features",
+                    "params:task",
+                    "params:model",
+                    "params:cohorts",
+                ],
                 outputs=["table", "feature_problems"],
                 name="build_task_table",
             ),
             Node(
                 nodes.fit_model,
-                inputs=["table", "params:task", "params:model", "params:study"],
+                inputs=["table", "params:task", "params:model", "params:seed"],
                 outputs=["model", "model_selection"],
                 name="fit_model",
             ),
@@ -47,7 +53,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             parameters={
                 "params:task": f"params:intensity_study.tasks.{task}",
                 "params:model": f"params:intensity_study.models.{model}",
-                "params:study": "params:intensity_study",
+                "params:seed": "params:intensity_study.seed",
+                "params:cohorts": "params:cohorts",
             },
         )
         for model in MODELS

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from her2_kedro.config import PreprocessingParams
+from her2_kedro.config import CohortsConfig, StainNormalisationConfig, ThresholdConfig, TileConfig
 from her2_kedro.features import preprocess
 from her2_kedro.features.intensity import (
     INTENSITY_PLUS_FEATURES,
@@ -25,35 +25,37 @@ logger = logging.getLogger(__name__)
 Cores = dict[str, Callable[[], bytes]]
 
 
-def _params(params: dict[str, Any]) -> PreprocessingParams:
-    return PreprocessingParams.model_validate(params)
-
-
-def _rule(p: PreprocessingParams) -> TileRule:
-    t = p.tiles
+def _rule(tiles: dict[str, Any]) -> TileRule:
+    t = TileConfig.model_validate(tiles)
     return TileRule(t.tile_size, t.stride, t.background_grey, t.min_tissue)
 
 
-def _reference_cores(manifest: pd.DataFrame, p: PreprocessingParams) -> pd.DataFrame:
-    s = p.stain_normalisation
-    keep = manifest["split"].isin(s.reference_splits) & ~manifest["cohort"].isin(
-        s.normalise_cohorts
-    )
+def _normalised_cohorts(cohorts: dict[str, Any]) -> list[str]:
+    return CohortsConfig.model_validate(cohorts).stain_normalised
+
+
+def _reference_cores(
+    manifest: pd.DataFrame, s: StainNormalisationConfig, normalised: list[str]
+) -> pd.DataFrame:
+    keep = manifest["split"].isin(s.reference_splits) & ~manifest["cohort"].isin(normalised)
     return manifest[keep]
 
 
 def estimate_reference_stains(
-    core_manifest: pd.DataFrame, accepted_cores: Cores, params: dict[str, Any]
+    core_manifest: pd.DataFrame,
+    accepted_cores: Cores,
+    stain_normalisation: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
 ) -> dict[str, Any]:
     """Macenko stain vectors pooled over training tiles: the target every normalised cohort is mapped to.
 
     Stored as a versioned JSON dataset with the sanity-check notes. ``{"vectors": None}`` when no
     reference can be estimated (then nothing is normalised, and the log and QC say why).
     """
-    p = _params(params)
-    s = p.stain_normalisation
-    rule = _rule(p)
-    reference = _reference_cores(core_manifest, p)
+    s = StainNormalisationConfig.model_validate(stain_normalisation)
+    rule = _rule(tiles)
+    reference = _reference_cores(core_manifest, s, _normalised_cohorts(cohorts))
     tiles = preprocess.reference_tiles(
         reference, accepted_cores, rule, s.max_reference_cores, s.tiles_per_core, s.seed
     )
@@ -81,19 +83,21 @@ def compute_features(
     core_manifest: pd.DataFrame,
     accepted_cores: Cores,
     reference_stains: dict[str, Any],
-    params: dict[str, Any],
+    stain_matrix: str,
+    intensity_thresholds: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Tile index, the paper's intensity feature, intensity+ features, and preprocessing problems."""
-    p = _params(params)
-    t = p.intensity_thresholds
+    t = ThresholdConfig.model_validate(intensity_thresholds)
     result = preprocess.preprocess_cores(
         core_manifest,
         accepted_cores,
-        _rule(p),
+        _rule(tiles),
         IntensityThresholds(t.weak, t.moderate, t.strong),
         _vectors(reference_stains),
-        p.stain_normalisation.normalise_cohorts,
-        p.stain_matrix,
+        _normalised_cohorts(cohorts),
+        stain_matrix,
     )
     tiles = (
         pd.concat(result.tiles, ignore_index=True)
@@ -124,24 +128,24 @@ def normalisation_preview(
     core_manifest: pd.DataFrame,
     accepted_cores: Cores,
     reference_stains: dict[str, Any],
-    params: dict[str, Any],
+    stain_normalisation: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
 ) -> dict[str, Figure]:
     """Before/after tiles of the normalised cohorts (or of any cohort when none is marked)."""
-    p = _params(params)
-    s = p.stain_normalisation
+    s = StainNormalisationConfig.model_validate(stain_normalisation)
+    normalised = _normalised_cohorts(cohorts)
     vectors = _vectors(reference_stains)
     if vectors is None or s.preview_tiles == 0:
         return {}
-    marked = core_manifest[core_manifest["cohort"].isin(s.normalise_cohorts)]
+    marked = core_manifest[core_manifest["cohort"].isin(normalised)]
     shown = marked if len(marked) else core_manifest
     before, after = preprocess.preview_pairs(
-        shown, accepted_cores, _rule(p), vectors, s.preview_tiles, s.seed
+        shown, accepted_cores, _rule(tiles), vectors, s.preview_tiles, s.seed
     )
     if not before:
         return {}
-    which = (
-        "cohorts " + ", ".join(s.normalise_cohorts) if len(marked) else "all cohorts (none marked)"
-    )
+    which = "cohorts " + ", ".join(normalised) if len(marked) else "all cohorts (none marked)"
     return {
         "stain_normalisation_preview": preview_figure(
             before, after, f"Macenko normalisation: {which}"

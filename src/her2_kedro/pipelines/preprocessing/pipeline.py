@@ -11,7 +11,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.estimate_reference_stains,
-                inputs=["core_manifest", "accepted_cores", "params:preprocessing"],
+                inputs=[
+                    "core_manifest",
+                    "accepted_cores",
+                    "params:preprocessing.stain_normalisation",
+                    "params:tiles",
+                    "params:cohorts",
+                ],
                 outputs="reference_stains",
                 name="estimate_reference_stains",
             ),
@@ -21,7 +27,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "core_manifest",
                     "accepted_cores",
                     "reference_stains",
-                    "params:preprocessing",
+                    "params:preprocessing.stain_matrix",
+                    "params:preprocessing.intensity_thresholds",
+                    "params:tiles",
+                    "params:cohorts",
                 ],
                 outputs=[
                     "tile_index",
@@ -37,7 +46,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "core_manifest",
                     "accepted_cores",
                     "reference_stains",
-                    "params:preprocessing",
+                    "params:preprocessing.stain_normalisation",
+                    "params:tiles",
+                    "params:cohorts",
                 ],
                 outputs="stain_normalisation_figures",
                 name="stain_normalisation_preview",
