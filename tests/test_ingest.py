@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from her2_kedro.config import ImageChecks
 from her2_kedro.tma.ingest import SourceResult, core_id_for, ingest_core_folder, merge_sources
-from her2_kedro.tma.qc.images import ImageCheckParams
 
 
 def _core(seed: int) -> np.ndarray:
@@ -39,7 +39,7 @@ def test_duplicates_by_pixels_and_by_core_id_are_rejected_later_ones_only(tmp_pa
     _write(tmp_path / "b.png", _core(1), "PNG")
     _write(tmp_path / "b.tif", _core(2), "TIFF")  # different pixels, same core id "b"
     files = {p.name: p for p in sorted(tmp_path.iterdir())}
-    result = ingest_core_folder(files, _labels(list(files)), None, ImageCheckParams())
+    result = ingest_core_folder(files, _labels(list(files)), None, ImageChecks())
     assert len(result.records) == 4 and result.problems == []
     merged, problems = merge_sources(result)
     assert sorted(merged["filename"]) == ["a.png", "b.png"]
@@ -52,7 +52,7 @@ def test_converted_images_are_written_as_png_and_others_byte_for_byte(tmp_path):
     _write(tmp_path / "grey.jpg", _core(3), "JPEG", mode="L")
     _write(tmp_path / "colour.jpg", _core(4), "JPEG")
     files = {p.name: p for p in sorted(tmp_path.iterdir())}
-    result = ingest_core_folder(files, _labels(list(files)), None, ImageCheckParams())
+    result = ingest_core_folder(files, _labels(list(files)), None, ImageChecks())
     images = dict(zip(result.records["filename"], result.records["image"], strict=True))
     assert images == {"colour.jpg": "colour.jpg", "grey.jpg": "grey.png"}
     assert result.payloads["colour.jpg"]() == (tmp_path / "colour.jpg").read_bytes()
@@ -63,12 +63,12 @@ def test_converted_images_are_written_as_png_and_others_byte_for_byte(tmp_path):
 def test_missing_or_unreadable_label_table_reports_every_file(tmp_path):
     _write(tmp_path / "a.png", _core(0), "PNG")
     files = {"a.png": tmp_path / "a.png"}
-    missing = ingest_core_folder(files, None, None, ImageCheckParams())
+    missing = ingest_core_folder(files, None, None, ImageChecks())
     assert [(p.core_id, p.reason) for p in missing.problems] == [
         ("a.png", "file without label: labels.csv is missing")
     ]
     broken = ingest_core_folder(
-        files, None, "labels.csv: unreadable label table (x)", ImageCheckParams()
+        files, None, "labels.csv: unreadable label table (x)", ImageChecks()
     )
     assert [p.source for p in broken.problems] == ["labels.csv", "cores"]
     assert broken.records.empty

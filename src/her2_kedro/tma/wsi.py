@@ -9,9 +9,11 @@ Any failure to open or decode a slide raises :class:`SlideReadError` naming the 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -19,8 +21,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from her2_kedro.imaging.pixels import WHITE, decode_png16, is_png16_colour, to_rgb_uint8
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "SlideReadError",
+    "SlideTooLarge",
     "SlideReader",
     "BaseSlideReader",
     "TiffSlideReader",
@@ -37,11 +44,19 @@ TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif"})
 OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".svslide", ".dcm"})
 PIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
-WHITE = 255
 # Whole levels up to this many bytes are read in one go for a thumbnail; above it the
 # level is read in strips of at most _STRIP_BYTES and reduced as it goes.
 _WHOLE_LEVEL_BYTES = 64 * 1024 * 1024
 _STRIP_BYTES = 32 * 1024 * 1024
+
+# A TIFF level is read chunk (tile or strip) by chunk; a level stored as chunks bigger than this
+# (e.g. a flat TIFF written as one strip) would be decoded whole, so it is refused.
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+#: How a user turns a slide this reader refuses into one it streams (libvips, free software).
+CONVERT_HINT = (
+    "convert it to a tiled pyramidal TIFF, e.g. "
+    "`vips tiffsave slide.jpg slide.tif --tile --pyramid --compression jpeg --Q 90`"
+)
 
 _PIL_LOCK = threading.Lock()
 
@@ -53,6 +68,27 @@ class SlideReadError(Exception):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class SlideTooLarge(SlideReadError):
+    """A slide that could only be read by decoding more than the memory bound allows."""
+
+
+@contextmanager
+def pil_pixel_limit(limit: int) -> Iterator[None]:
+    """Let PIL open images up to ``limit`` pixels inside the block; the global guard is restored.
+
+    PIL's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is process-wide. The slide reader
+    checks the pixel count itself and needs a higher limit only while it opens a slide, so the
+    change is made under a lock, never to ``None``, and undone on exit.
+    """
+    with _PIL_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max(int(limit), saved or 0)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 @runtime_checkable
@@ -84,44 +120,6 @@ class SlideReader(Protocol):
     def __enter__(self) -> SlideReader: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """Convert a decoded image array (grey, RGB, RGBA, 16-bit, float) to uint8 RGB (H, W, 3).
-
-    Alpha is composited onto white so transparent areas read as glass background.
-    """
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3:
-        raise ValueError(f"expected a 2-D or 3-D image array, got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if a.dtype == np.uint16:
-            a = (a >> 8).astype(np.uint8)
-        elif np.issubdtype(a.dtype, np.floating):
-            scale = 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else 1.0
-            a = np.clip(np.nan_to_num(a) * scale, 0, 255).astype(np.uint8)
-        else:
-            a = np.clip(a, 0, 255).astype(np.uint8)
-    c = a.shape[2]
-    if c == 1:
-        return np.repeat(a, 3, axis=2)
-    if c == 2:  # grey + alpha
-        rgb = np.repeat(a[:, :, :1], 3, axis=2)
-        alpha = a[:, :, 1:2]
-    elif c == 3:
-        return np.ascontiguousarray(a)
-    else:
-        rgb = a[:, :, :3]
-        alpha = a[:, :, 3:4] if c == 4 else None
-        if alpha is None:
-            return np.ascontiguousarray(rgb)
-    if np.all(alpha == 255):
-        return np.ascontiguousarray(rgb)
-    al = alpha.astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * al + WHITE * (1.0 - al)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -304,6 +302,25 @@ def _adopt_geometry(reader: BaseSlideReader, slide: Any) -> None:
         raise
 
 
+def _check_tiff_chunks(path: Path) -> None:
+    """Refuse a TIFF whose pages are stored in chunks too big to decode one at a time."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        for page in tif.pages:
+            chunk = getattr(page, "chunks", None)
+            if not chunk:
+                continue
+            n_bytes = int(np.prod(chunk)) * (page.dtype.itemsize if page.dtype else 1)
+            if n_bytes > MAX_CHUNK_BYTES:
+                raise SlideTooLarge(
+                    path,
+                    f"a {page.imagewidth}x{page.imagelength} page is stored in chunks of "
+                    f"{n_bytes / 2**20:.0f} MiB, above the {MAX_CHUNK_BYTES // 2**20} MiB that are "
+                    f"decoded at once (memory bound); {CONVERT_HINT}",
+                )
+
+
 class TiffSlideReader(BaseSlideReader):
     """Reader backed by ``tiffslide.TiffSlide`` (pyramidal/flat TIFF, SVS, NDPI, SCN, BIF)."""
 
@@ -313,6 +330,7 @@ class TiffSlideReader(BaseSlideReader):
         super().__init__(path)
         self._slide: Any = tiffslide.TiffSlide(str(self.path))
         _adopt_geometry(self, self._slide)
+        _check_tiff_chunks(self.path)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
@@ -354,28 +372,33 @@ class OpenSlideReader(BaseSlideReader):
 
 
 class PILSlideReader(BaseSlideReader):
-    """Reader for plain JPEG/PNG slides (single level, decoded once on first region read).
+    """Reader for plain JPEG/PNG slides (single level, decoded whole on first region read).
 
-    The pixel count is checked against ``max_pixels`` before anything is decoded; JPEG
-    thumbnails use ``Image.draft`` so the full image is not decoded for dearraying.
+    A plain JPEG/PNG cannot be read region by region, so a slide above ``max_pixels`` is refused
+    at open (the pixel count comes from the header) with a message saying how to convert it;
+    decoding costs about ``PEAK_BYTES_PER_PIXEL`` bytes per pixel at its peak. JPEG thumbnails use
+    ``Image.draft`` (DCT-domain downscale) so dearraying does not decode the full image.
     """
+
+    #: Peak memory of a decoded plain slide per pixel: the RGB array decoded straight into NumPy
+    #: (simplejpeg, imagecodecs), plus slack for the region being read.
+    PEAK_BYTES_PER_PIXEL = 5
+    #: The same through PIL (its own buffer plus copies), for colour modes only PIL decodes.
+    PIL_BYTES_PER_PIXEL = 14
 
     def __init__(self, path: Path, max_pixels: int) -> None:
         super().__init__(path)
-        with _PIL_LOCK:  # our own max_pixels check replaces PIL's bomb guard
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                with Image.open(self.path) as im:
-                    w, h = im.size
-                    self._format = im.format
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        self._max_pixels = int(max_pixels)
+        (w, h), self._format = _header_size(self.path)
         if w < 1 or h < 1:
             raise SlideReadError(self.path, f"image has an empty size {w}x{h}")
         if w * h > max_pixels:
-            raise SlideReadError(
-                self.path, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}"
+            peak = w * h * self.PEAK_BYTES_PER_PIXEL / 2**30
+            raise SlideTooLarge(
+                self.path,
+                f"plain {self._format} slide of {w}x{h} = {w * h} pixels exceeds "
+                f"ingestion.dearray.max_slide_pixels = {max_pixels} (a plain JPEG/PNG is decoded "
+                f"whole, about {peak:.1f} GiB for this one); {CONVERT_HINT}",
             )
         self._dimensions = (w, h)
         self._level_dimensions = ((w, h),)
@@ -383,26 +406,23 @@ class PILSlideReader(BaseSlideReader):
         self._full: np.ndarray | None = None
 
     def _open(self) -> Image.Image:
-        with _PIL_LOCK:
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                return Image.open(self.path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-
-    @staticmethod
-    def _pil_to_rgb(im: Image.Image) -> np.ndarray:
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            return to_rgb_uint8(np.asarray(im.convert("RGBA")))
-        if im.mode.startswith("I;16") or im.mode == "I":
-            return to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
-        return to_rgb_uint8(np.asarray(im.convert("RGB")))
+        with pil_pixel_limit(self._max_pixels):
+            return Image.open(self.path)
 
     def _decoded(self) -> np.ndarray:
         if self._full is None:
-            with self._open() as im:
-                arr = self._pil_to_rgb(im)
+            arr = _decode_plain(self.path, self._format)
+            if arr is None:  # a mode the direct decoders do not handle: PIL, ~3x the memory
+                w, h = self._dimensions
+                if w * h * self.PIL_BYTES_PER_PIXEL > self._max_pixels * self.PEAK_BYTES_PER_PIXEL:
+                    raise SlideTooLarge(
+                        self.path,
+                        f"this plain {self._format} slide ({w}x{h}) can only be decoded by PIL, "
+                        f"at about {self.PIL_BYTES_PER_PIXEL} bytes a pixel, above the memory "
+                        f"bound of ingestion.dearray.max_slide_pixels; {CONVERT_HINT}",
+                    )
+                with self._open() as im:
+                    arr = _pil_rgb(im)
             if arr.shape[:2] != (self._dimensions[1], self._dimensions[0]):
                 raise ValueError(f"decoded shape {arr.shape} differs from header size")
             self._full = arr
@@ -415,9 +435,10 @@ class PILSlideReader(BaseSlideReader):
         if self._full is None and self._format == "JPEG":
             with self._open() as im:
                 im.draft("RGB", (tw, th))  # DCT-domain downscale: decode at 1/2..1/8
-                small = self._pil_to_rgb(im)
+                small = _pil_rgb(im)
             return _resize(small, (tw, th))
-        return _resize(self._decoded(), (tw, th))
+        self._decoded()
+        return super()._level_thumbnail(level, tw, th)  # strip by strip, no full-size copy
 
     def probe(self) -> None:
         """Check the file decodes without keeping (or, for JPEG, fully decoding) it."""
@@ -434,6 +455,61 @@ class PILSlideReader(BaseSlideReader):
         """Drop the decoded image."""
         self._full = None
         super().close()
+
+
+def _decode_plain(path: Path, fmt: str) -> np.ndarray | None:
+    """uint8 RGB of a plain JPEG/PNG decoded straight into one NumPy array (3 bytes a pixel).
+
+    PIL would hold its own 4-byte-a-pixel buffer and copies of it; simplejpeg (JPEG) and
+    imagecodecs (PNG, 16-bit at full depth) decode into the array itself. None when the file's
+    colour mode needs PIL (CMYK JPEG, for example).
+    """
+    data = path.read_bytes()
+    try:
+        if fmt == "JPEG":
+            import simplejpeg
+
+            colorspace = simplejpeg.decode_jpeg_header(data)[2]
+            if colorspace not in ("YCbCr", "Gray"):
+                return None
+            if colorspace == "Gray":
+                return to_rgb_uint8(simplejpeg.decode_jpeg(data, "GRAY", strict=False))
+            return simplejpeg.decode_jpeg(data, "RGB", strict=False)
+        if fmt == "PNG":
+            if is_png16_colour(data[:32]):
+                return decode_png16(data)
+            import imagecodecs
+
+            return to_rgb_uint8(imagecodecs.png_decode(data))
+    except (ValueError, RuntimeError) as exc:
+        logger.debug("%s: direct decode failed (%s); using PIL", path, exc)
+        return None
+    return None
+
+
+def _header_size(path: Path) -> tuple[tuple[int, int], str]:
+    """Size and format from a JPEG/PNG header, without PIL's global pixel guard (nothing decoded)."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        fh.seek(0)
+        if head.startswith(b"\x89PNG"):
+            im: Image.Image = PngImagePlugin.PngImageFile(fh)
+        elif head.startswith(b"\xff\xd8"):
+            im = JpegImagePlugin.JpegImageFile(fh)
+        else:
+            raise ValueError("not a JPEG or PNG file")
+        return im.size, str(im.format)
+
+
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 RGB of a PIL image by the shared conversion rules (alpha onto white, 16-bit / 257)."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        return to_rgb_uint8(np.asarray(im.convert("RGBA")))
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return to_rgb_uint8(np.asarray(im))
+    return to_rgb_uint8(np.asarray(im.convert("RGB")))
 
 
 def _probe(reader: BaseSlideReader) -> None:
@@ -495,7 +571,7 @@ def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:
         except SlideReadError as exc:
             if reader is not None:
                 reader.close()
-            if name == "PIL" and "max_pixels" in exc.problem:
+            if isinstance(exc, SlideTooLarge):
                 raise
             problems.append(f"{name}: {exc.problem}")
         except MemoryError:
