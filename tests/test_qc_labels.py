@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from her2_kedro.schema import FIVE_CLASSES
-from her2_kedro.tma.qc.labels import five_class, validate_labels, validate_slide_map
+from her2_kedro.tma.qc.labels import five_class, validate_labels
 from her2_kedro.tma.qc.report import (
     ACCEPTED,
     QC_COLUMNS,
@@ -15,6 +15,7 @@ from her2_kedro.tma.qc.report import (
     accepted_reason,
     qc_table,
 )
+from her2_kedro.tma.qc.slide_map import validate_slide_map
 
 GOOD = [
     ("a.jpg", "0", "0"),

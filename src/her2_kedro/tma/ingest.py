@@ -33,12 +33,8 @@ from her2_kedro.tma.dearray import (
     parse_grid_label,
 )
 from her2_kedro.tma.qc.images import CheckedImage, check_image
-from her2_kedro.tma.qc.labels import (
-    check_label_table,
-    map_labels_by_slide,
-    slide_stem,
-    validate_slide_map,
-)
+from her2_kedro.tma.qc.labels import check_label_table
+from her2_kedro.tma.qc.slide_map import map_labels_by_slide, slide_stem, validate_slide_map
 from her2_kedro.tma.wsi import SlideReadError, open_slide
 
 logger = logging.getLogger(__name__)
