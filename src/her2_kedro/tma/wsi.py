@@ -9,7 +9,6 @@ Any failure to open or decode a slide raises :class:`SlideReadError` naming the 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,6 @@ from PIL import Image
 
 from her2_kedro.imaging.pixels import WHITE, to_rgb_uint8
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "SlideReadError",
