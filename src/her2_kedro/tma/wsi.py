@@ -20,7 +20,6 @@ from PIL import Image
 
 from her2_kedro.imaging.pixels import WHITE, to_rgb_uint8
 
-
 __all__ = [
     "SlideReadError",
     "SlideTooLarge",
