@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from her2_kedro.dearray import DearrayParams, dearray_slide
+from her2_kedro.synthetic.render import CoreSpec, render_core
 from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
 from her2_kedro.wsi import open_slide
 
 

@@ -14,7 +14,7 @@ from her2_kedro import preprocess
 from her2_kedro.features import IntensityThresholds
 from her2_kedro.normalisation import StainEstimationError, angle_degrees
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
+from her2_kedro.synthetic.render import CoreSpec, render_core
 from her2_kedro.tiling import TileRule
 
 

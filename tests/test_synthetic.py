@@ -12,7 +12,7 @@ from skimage.color import rgb2hed
 from skimage.measure import label
 from sklearn.metrics import roc_auc_score
 
-from her2_kedro.imaging import foreground_mask
+from her2_kedro.imaging import encode_jpeg, foreground_mask
 from her2_kedro.synthetic.cohort import (
     BALANCED_PRIORS,
     CLASSES,
@@ -22,6 +22,7 @@ from her2_kedro.synthetic.cohort import (
     sample_cohort,
 )
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS, render_optical_density
+from her2_kedro.synthetic.render import CoreSpec, plan_core, render_core
 from her2_kedro.synthetic.slide import (
     SlideSpec,
     core_label,
@@ -29,7 +30,6 @@ from her2_kedro.synthetic.slide import (
     slide_size,
     write_synthetic_slide,
 )
-from her2_kedro.synthetic.tissue import CoreSpec, _plan, encode_jpeg, render_core
 
 
 def max_mean_dab(rgb: np.ndarray, tile: int = 224) -> float:
@@ -140,12 +140,14 @@ def test_staining_pattern_follows_gastric_criteria():
     complete, 3 strong complete, 4 moderate fragmented = scored 1)."""
     for score in range(4):
         for i in range(8):
-            p = _plan(
+            p = plan_core(
                 CoreSpec(score, int(score == 3), False, size=336, cell_diameter_px=16),
                 np.random.default_rng(i),
             )
-            inside = (p.sy.ravel() - p.centre) ** 2 + (p.sx.ravel() - p.centre) ** 2 < p.radius**2
-            cat = p.category[(p.kind == 1) & inside]
+            c, r = p.outline.centre, p.outline.radius
+            inside = (p.cells.sy.ravel() - c) ** 2 + (p.cells.sx.ravel() - c) ** 2 < r**2
+            category, partial = p.staining.category, p.staining.partial_mem
+            cat = category[(p.cells.kind == 1) & inside]
             share = {c: float(np.mean(cat == c)) for c in range(5)}
             if score == 0:
                 assert 1 - share[0] < 0.10
@@ -155,18 +157,16 @@ def test_staining_pattern_follows_gastric_criteria():
                 assert share[2] >= 0.10 and share[3] < 0.10
             else:
                 assert share[3] >= 0.10
-            assert (p.partial_mem[p.category == 1] == 1).all() and (
-                p.partial_mem[p.category == 3] == 0
-            ).all()
+            assert (partial[category == 1] == 1).all() and (partial[category == 3] == 0).all()
     # the spec's nuisances override the drawn ones without changing the tissue
     spec = CoreSpec(3, 1, False, size=224, cell_diameter_px=14)
-    a = _plan(spec, np.random.default_rng(1))
-    b = _plan(
+    a = plan_core(spec, np.random.default_rng(1))
+    b = plan_core(
         CoreSpec(3, 1, False, size=224, cell_diameter_px=14, dab_gain=2.0, focal=not a.focal),
         np.random.default_rng(1),
     )
     assert b.dab_gain == 2.0 and b.focal != a.focal and b.tumour_fraction == a.tumour_fraction
-    assert np.array_equal(a.kind, b.kind)
+    assert np.array_equal(a.cells.kind, b.cells.kind)
 
 
 def test_dab_gain_scales_measured_intensity():
