@@ -94,15 +94,13 @@ def draw_nuclei(
     aspect = rng.uniform(0.8, 1.05, n)
     theta_noise = rng.normal(0, 0.18, n)
     k_area = atypia.axis_scale
-    na = np.where(tum, 0.30 * d * k_area * scale, np.where(fib, 0.34 * d, 0.13 * d))
-    nb = np.where(tum, 0.21 * d * k_area * scale * aspect, np.where(fib, 0.075 * d, 0.12 * d))
+    na = np.where(tum, 0.32 * d * k_area * scale, np.where(fib, 0.34 * d, 0.13 * d))
+    nb = np.where(tum, 0.24 * d * k_area * scale * aspect, np.where(fib, 0.075 * d, 0.12 * d))
     na = np.where(columnar, na * 1.35, na)
     nb = np.where(columnar, nb * 0.74, nb)
     theta = np.where(columnar, np.arctan2(nrm_y, nrm_x) + theta_noise, theta)
     theta = np.where(fib, fibre_angle + rng.normal(0, 0.25, n), theta)
-    nh = np.where(
-        tum, atypia.hyperchromasia * rng.uniform(0.85, 1.15, n), np.where(fib, 0.85, 1.25)
-    )
+    nh = np.where(tum, atypia.hyperchromasia * rng.uniform(0.85, 1.15, n), np.where(fib, 0.6, 0.9))
     nirr = np.where(tum, atypia.irregularity, 0.03)
     off = 0.06 * d
     noy, nox = rng.uniform(-off, off, n), rng.uniform(-off, off, n)
@@ -175,10 +173,11 @@ def nucleus_rows(
     d: float,
     mid: np.ndarray,
     fine: np.ndarray,
+    grain: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nuclear coverage (0..1, anti-aliased) of each pixel and its haematoxylin: vesicular
-    chromatin (pale centre, chromatin rim at the nuclear membrane, granular texture) and, for
-    tumour cells, a dark nucleolus."""
+    chromatin (pale centre, chromatin rim at the nuclear membrane, clumps and fine speckles) and,
+    for tumour cells, a dark nucleolus."""
     sy_f, sx_f = cells.sy.ravel(), cells.sx.ravel()
     dy = yy - sy_f[lab] - cells.noy[lab]
     dx = xx - sx_f[lab] - cells.nox[lab]
@@ -190,7 +189,8 @@ def nucleus_rows(
     rn *= 1.0 + cells.nirr[lab] * mid
     nuc = np.clip((1.0 - rn) * cells.nb[lab] + 0.5, 0.0, 1.0) * (cells.kind[lab] > 0)
     ring = np.exp(-(((rn - 0.86) / 0.14) ** 2))
-    chromatin = np.clip(0.55 + 0.18 * fine + 0.12 * mid + 0.6 * ring, 0.25, 2.0)
+    speckle = np.maximum(grain, 0.0)
+    chromatin = np.clip(0.45 + 0.15 * fine + 0.15 * mid + 0.35 * speckle + 0.6 * ring, 0.2, 2.0)
     r_nl = np.float32(max(0.8, 0.055 * d))
     nl = np.exp(-((du - cells.nl_u[lab]) ** 2 + (dv - cells.nl_v[lab]) ** 2) / (r_nl * r_nl))
     return nuc, nuc * (cells.nh[lab] * chromatin + cells.nl_h[lab] * nl)

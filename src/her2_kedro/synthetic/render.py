@@ -33,6 +33,7 @@ from her2_kedro.synthetic.geometry import (
     Architecture,
     Field,
     Outline,
+    Texture,
     band_threshold,
     draw_cuts,
     draw_outline,
@@ -41,6 +42,8 @@ from her2_kedro.synthetic.geometry import (
 )
 from her2_kedro.synthetic.optics import INTERNAL_STAINS, StainSet, render_optical_density
 from her2_kedro.synthetic.staining import (
+    BACKGROUND_DAB,
+    BACKGROUND_DAB_SD,
     DAB_GAIN_SD,
     FOCAL_RATE,
     TUMOUR_FRACTION_RANGE,
@@ -50,6 +53,13 @@ from her2_kedro.synthetic.staining import (
 )
 
 STRIP_ROWS = 384
+# Tissue optics (optical-density units of the stain vectors), calibrated on five real cores.
+STROMA_H = 0.08  # haematoxylin of dense stroma (fibres and ground substance)
+CYTO_H = 0.07  # haematoxylin of tumour cytoplasm
+MEMBRANE_H = 0.04  # haematoxylin along cell borders
+TISSUE_OD = 0.03  # neutral optical density of tissue (unstained protein, section thickness)
+FIBRE_PERIOD = 0.15  # spacing of stroma fibres (cell diameters)
+GRAIN = 0.018  # size of chromatin / cytoplasm granules (cell diameters)
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ class CoreSpec:
     her2_status: int
     status_cue: bool
     size: int = 672
-    cell_diameter_px: float = 70.0
+    cell_diameter_px: float = 60.0
     stains: StainSet = field(default=INTERNAL_STAINS)
     tear: bool = False
     fold: bool = False
@@ -72,14 +82,16 @@ class CoreSpec:
 
 
 @dataclass
-class Texture:
-    """Fields that give the tissue its texture at several scales (all in pixels)."""
+class Textures:
+    """Fields and noise that give the tissue its texture at several scales (all in pixels)."""
 
     f_rim: Field  # wobble of bites and tears
     f_mid: Field  # nuclear outline irregularity and chromatin clumps
-    f_fine: Field  # chromatin grain, cytoplasm and stroma grain
+    f_fine: Field  # cytoplasm and stroma grain (a few px)
     f_patch: Field  # gaps of partial membranes
     f_warp: Field  # waviness of stroma fibres
+    f_loose: Field  # loose (oedematous, cracked) stroma, where it is high
+    grain: Texture  # 1-2 px granules: chromatin speckles, cytoplasmic granularity
 
 
 @dataclass
@@ -90,12 +102,13 @@ class CorePlan:
     d: float
     outline: Outline
     arch: Architecture
-    texture: Texture
+    texture: Textures
     cells: Cells
     staining: Staining
     dab_gain: float
     tumour_fraction: float
     focal: bool
+    background_dab: float  # non-specific DAB of the core's tissue (label-free)
 
     @property
     def any_partial(self) -> bool:
@@ -131,12 +144,14 @@ def plan_core(spec: CoreSpec, rng: np.random.Generator) -> CorePlan:
     f_big = Field(rng, size, d * 9.0)
     f_rim = Field(rng, size, size * 0.08)
     f_low = Field(rng, size, d * 4.0)
-    texture = Texture(
+    texture = Textures(
         f_rim=f_rim,
         f_mid=Field(rng, size, d * 0.18),
         f_fine=Field(rng, size, max(1.0, d * 0.07)),
         f_patch=Field(rng, size, d * 0.35),
         f_warp=Field(rng, size, d * 2.5),
+        f_loose=Field(rng, size, d * 0.8),
+        grain=Texture(rng, max(0.6, d * GRAIN)),
     )
     f_focus = Field(rng, size, d * 5.0)
     gain = float(np.exp(rng.normal(0.0, DAB_GAIN_SD)))
@@ -166,7 +181,10 @@ def plan_core(spec: CoreSpec, rng: np.random.Generator) -> CorePlan:
         spec.ihc_score, tumour, f_focus.at(sy_f, sx_f), kind.size, gain, focal, d, rng
     )
     draw_cuts(outline, d, rng, spec.partial, spec.tear, spec.fold)
-    return CorePlan(size, d, outline, arch, texture, cells, staining, gain, tumour_fraction, focal)
+    background = BACKGROUND_DAB * float(np.exp(rng.normal(0.0, BACKGROUND_DAB_SD)))
+    return CorePlan(
+        size, d, outline, arch, texture, cells, staining, gain, tumour_fraction, focal, background
+    )
 
 
 def _compartments(p: CorePlan, y0: int, y1: int) -> dict[str, np.ndarray]:
@@ -193,7 +211,7 @@ def _compartments(p: CorePlan, y0: int, y1: int) -> dict[str, np.ndarray]:
 
 
 def render_strip(p: CorePlan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Haematoxylin, DAB and extra optical density of rows y0..y1-1."""
+    """Haematoxylin, DAB and extra (neutral) optical density of rows y0..y1-1."""
     w, d, f32 = p.size, p.d, np.float32
     yy = (np.arange(y0, y1, dtype=np.float32) + 0.5)[:, None]
     xx = (np.arange(w, dtype=np.float32) + 0.5)[None, :]
@@ -203,38 +221,65 @@ def render_strip(p: CorePlan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray,
     lab, md = voronoi_rows(p.cells, d, yy, xx, comp["normal"], comp["stretch"])
     mid = p.texture.f_mid.rows(y0, y1, w)
     fine = p.texture.f_fine.rows(y0, y1, w)
+    grain = p.texture.grain.rows(y0, y1, w)
     low = p.arch.f_low.rows(y0, y1, w)
-    _, nuc_h = nucleus_rows(p.cells, lab, yy, xx, d, mid, fine)
-    nuc_h *= np.where(p.cells.kind[lab] == TUMOUR, epi, stroma)
-    stroma_h = (0.13 + 0.025 * low) * (0.75 + 0.35 * _fibres(p, yy, xx, y0, y1) + 0.1 * fine)
-    st = p.staining
-    mem = membrane_rows(md, st.width[lab], comp["lining"], d) * epi
-    if p.any_partial:
-        patchy = smoothstep(p.texture.f_patch.rows(y0, y1, w), 0.1, 0.5)
-        mem_dab = mem * (1.0 - st.partial_mem[lab] * (1.0 - patchy))
-    else:
-        mem_dab = mem
-    region = np.clip(1.0 + 0.18 * low, 0.6, 1.4)
-    dab = region * (st.dab[lab] * mem_dab + st.cyto[lab] * epi * (0.85 + 0.15 * fine))
-    cyto_h = epi * (0.10 + 0.02 * fine + 0.02 * mid)
-    h_conc = stroma * stroma_h + cyto_h + 0.06 * mem + nuc_h + lumen * 0.008 * (1.0 + 0.3 * fine)
-    h_conc = h_conc * core
-    dab = dab * core
+    nuc, nuc_h = nucleus_rows(p.cells, lab, yy, xx, d, mid, fine, grain)
+    in_place = np.where(p.cells.kind[lab] == TUMOUR, epi, stroma)
+    nuc *= in_place
+    nuc_h *= in_place
+    loose = smoothstep(p.texture.f_loose.rows(y0, y1, w), -0.2, 0.6)
+    fibres = _fibres(p, yy, xx, y0, y1, mid, fine)
+    stroma_h = (STROMA_H + 0.02 * low) * (0.5 + 0.7 * fibres + 0.1 * fine) * (1.0 - 0.8 * loose)
+    mem = membrane_rows(md, p.staining.width[lab], comp["lining"], d) * epi
+    cyto = epi * (1.0 - nuc)
+    cyto_h = cyto * (CYTO_H + 0.015 * fine + 0.012 * grain + 0.01 * mid)
+    h_conc = stroma * (1.0 - nuc) * stroma_h + cyto_h + MEMBRANE_H * mem + nuc_h
+    h_conc += lumen * 0.006 * (1.0 + 0.3 * fine)
+    dab = _dab(p, y0, y1, lab, mem, cyto, low, fine, grain)
+    tissue = epi + stroma * (1.0 - 0.7 * loose)
+    dab += p.background_dab * tissue * (1.0 + 0.35 * fine + 0.25 * grain)
+    h_conc *= core
+    dab *= core
     if fold is not None:
         h_conc *= 1.0 + fold
         dab *= 1.0 + fold
-    extra = (0.006 * fine + 0.035 * core).astype(f32)
+    extra = (0.004 * fine + core * (TISSUE_OD * tissue + 0.01)).astype(f32)
     return h_conc.astype(f32), dab.astype(f32), extra
 
 
-def _fibres(p: CorePlan, yy: np.ndarray, xx: np.ndarray, y0: int, y1: int) -> np.ndarray:
-    """Stroma fibres (0..1): wavy parallel fibres with a slowly varying phase."""
+def _dab(
+    p: CorePlan,
+    y0: int,
+    y1: int,
+    lab: np.ndarray,
+    mem: np.ndarray,
+    cyto: np.ndarray,
+    low: np.ndarray,
+    fine: np.ndarray,
+    grain: np.ndarray,
+) -> np.ndarray:
+    """HER2 DAB of rows y0..y1-1: per-cell membrane staining (patchy where partial) plus a
+    granular cytoplasmic blush, modulated by a regional field."""
+    st = p.staining
+    mem_dab = mem
+    if p.any_partial:
+        patchy = smoothstep(p.texture.f_patch.rows(y0, y1, p.size), 0.1, 0.5)
+        mem_dab = mem * (1.0 - st.partial_mem[lab] * (1.0 - patchy))
+    region = np.clip(1.0 + 0.18 * low, 0.6, 1.4)
+    blush = st.cyto[lab] * cyto * np.clip(0.85 + 0.2 * fine + 0.12 * grain, 0.2, 2.0)
+    return region * (st.dab[lab] * mem_dab + blush)
+
+
+def _fibres(
+    p: CorePlan, yy: np.ndarray, xx: np.ndarray, y0: int, y1: int, mid: np.ndarray, fine: np.ndarray
+) -> np.ndarray:
+    """Stroma fibres (0..1): thin wavy, broken, roughly parallel fibres."""
     ang = p.cells.fibre_angle
     ca, sa = np.float32(np.cos(ang)), np.float32(np.sin(ang))
-    phase = (xx * -sa + yy * ca) * np.float32(2 * np.pi / (0.32 * p.d)) + np.float32(
-        6.0
-    ) * p.texture.f_warp.rows(y0, y1, p.size)
-    return (0.5 + 0.5 * np.sin(phase)) ** 3
+    wavelength = np.float32(max(3.0, FIBRE_PERIOD * p.d))
+    phase = (xx * -sa + yy * ca) * (np.float32(2 * np.pi) / wavelength)
+    phase += np.float32(8.0) * p.texture.f_warp.rows(y0, y1, p.size) + np.float32(0.6) * mid
+    return (0.5 + 0.5 * np.sin(phase)) ** 2 * np.clip(0.7 + 0.4 * fine, 0.0, 1.2)
 
 
 def render_core(spec: CoreSpec, rng: np.random.Generator) -> np.ndarray:

@@ -26,10 +26,10 @@ import numpy as np
 #: units of the stain vector), its per-cell log-sd, cytoplasmic blush (fraction of the membrane
 #: concentration), membrane width factor, partial membranes (a patchy mask removes part of each).
 CATEGORY: dict[int, tuple[float, float, float, float, bool]] = {
-    1: (0.30, 0.30, 0.04, 1.0, True),  # faint, barely perceptible, partial
-    2: (0.62, 0.25, 0.10, 1.1, False),  # weak to moderate, complete
-    3: (1.30, 0.22, 0.30, 1.5, False),  # strong, complete
-    4: (0.62, 0.25, 0.04, 1.1, True),  # moderate but incomplete (fragmented): scored 1
+    1: (0.45, 0.30, 0.40, 1.0, True),  # faint, barely perceptible, partial
+    2: (0.85, 0.25, 0.55, 1.1, False),  # weak to moderate, complete
+    3: (1.90, 0.22, 0.75, 1.3, False),  # strong, complete
+    4: (0.75, 0.25, 0.20, 1.1, True),  # moderate but incomplete (fragmented): scored 1
 }
 #: Categories in the order they are handed out (highest first, the focus of a focal core).
 CATEGORY_ORDER = (3, 2, 4, 1)
@@ -38,7 +38,10 @@ CATEGORY_ORDER = (3, 2, 4, 1)
 DAB_GAIN_SD = 0.3  # log-normal sd of the staining-run / section-thickness DAB gain (median 1)
 TUMOUR_FRACTION_RANGE = (0.2, 0.9)  # uniform range of the tumour share of the core's tissue
 FOCAL_RATE = 0.3  # probability that the stained cells are clustered in a patch
-CORE_CATEGORY_SD = 0.12  # log-sd of a core's intensity within each category
+CORE_CATEGORY_SD = 0.2  # log-sd of a core's intensity within each category
+MEMBRANE_WIDTH = 0.06  # membrane width (cell diameters; x the category's width factor)
+BACKGROUND_DAB = 0.03  # median non-specific DAB of tissue (label-free; cytoplasm and stroma)
+BACKGROUND_DAB_SD = 0.35  # its log-sd between cores
 
 
 def composition(score: int, rng: np.random.Generator) -> dict[int, float]:
@@ -77,8 +80,8 @@ def atypia(status_cue: bool) -> Atypia:
     """Nuclear modifiers of a core with (area x1.5, pleomorphic, irregular, dark) or without the
     status cue."""
     if status_cue:
-        return Atypia(axis_scale=1.22, pleomorphism=0.16, irregularity=0.22, hyperchromasia=0.90)
-    return Atypia(axis_scale=1.0, pleomorphism=0.07, irregularity=0.06, hyperchromasia=0.62)
+        return Atypia(axis_scale=1.22, pleomorphism=0.16, irregularity=0.22, hyperchromasia=0.65)
+    return Atypia(axis_scale=1.0, pleomorphism=0.07, irregularity=0.06, hyperchromasia=0.45)
 
 
 @dataclass
@@ -128,6 +131,6 @@ def assign_staining(
         category=category,
         dab=dab.astype(f32),
         cyto=(dab * cyto_k[category]).astype(f32),
-        width=(max(0.7, 0.05 * d) * width_k[category]).astype(f32),
+        width=(max(0.7, MEMBRANE_WIDTH * d) * width_k[category]).astype(f32),
         partial_mem=partial_k[category].astype(f32),
     )
