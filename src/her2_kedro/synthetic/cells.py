@@ -21,6 +21,7 @@ from her2_kedro.synthetic.staining import Atypia
 TUMOUR, FIBROBLAST, LYMPHOCYTE = 1, 2, 3
 FIBROBLAST_RATE = 0.28  # share of stromal seeds that carry a fibroblast nucleus
 LYMPHOCYTE_RATE = 0.06  # and a lymphocyte
+NUCLEUS_AXES = (0.32, 0.24)  # semi-axes of a tumour nucleus without atypia (cell diameters)
 
 
 @dataclass
@@ -94,8 +95,10 @@ def draw_nuclei(
     aspect = rng.uniform(0.8, 1.05, n)
     theta_noise = rng.normal(0, 0.18, n)
     k_area = atypia.axis_scale
-    na = np.where(tum, 0.32 * d * k_area * scale, np.where(fib, 0.34 * d, 0.13 * d))
-    nb = np.where(tum, 0.24 * d * k_area * scale * aspect, np.where(fib, 0.075 * d, 0.12 * d))
+    na = np.where(tum, NUCLEUS_AXES[0] * d * k_area * scale, np.where(fib, 0.34 * d, 0.13 * d))
+    nb = np.where(
+        tum, NUCLEUS_AXES[1] * d * k_area * scale * aspect, np.where(fib, 0.075 * d, 0.12 * d)
+    )
     na = np.where(columnar, na * 1.35, na)
     nb = np.where(columnar, nb * 0.74, nb)
     theta = np.where(columnar, np.arctan2(nrm_y, nrm_x) + theta_noise, theta)

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from her2_kedro.synthetic.cells import (
+    NUCLEUS_AXES,
     TUMOUR,
     Cells,
     assign_kinds,
@@ -180,11 +181,23 @@ def plan_core(spec: CoreSpec, rng: np.random.Generator) -> CorePlan:
     staining = assign_staining(
         spec.ihc_score, tumour, f_focus.at(sy_f, sx_f), kind.size, gain, focal, d, rng
     )
-    draw_cuts(outline, d, rng, spec.partial, spec.tear, spec.fold)
+    staining.cyto *= _blush_compensation(cells, d)
     background = BACKGROUND_DAB * float(np.exp(rng.normal(0.0, BACKGROUND_DAB_SD)))
+    draw_cuts(
+        outline, d, rng, spec.partial, spec.tear, spec.fold
+    )  # last: artefacts change no other draw
     return CorePlan(
         size, d, outline, arch, texture, cells, staining, gain, tumour_fraction, focal, background
     )
+
+
+def _blush_compensation(cells: Cells, d: float) -> np.ndarray:
+    """Per-cell factor that keeps a cell's total cytoplasmic DAB independent of its nuclear size
+    (the blush fills the cytoplasm only), so the status cue's larger nuclei cannot move
+    max-mean-DAB."""
+    share = np.clip(np.pi * cells.na * cells.nb / (d * d), 0.0, 0.8)
+    ref = np.pi * NUCLEUS_AXES[0] * NUCLEUS_AXES[1]
+    return ((1.0 - ref) / (1.0 - share)).astype(np.float32)
 
 
 def _compartments(p: CorePlan, y0: int, y1: int) -> dict[str, np.ndarray]:
