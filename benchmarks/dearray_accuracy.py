@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_kedro.synthetic.render import CoreSpec, render_core
 from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
 from her2_kedro.tma.dearray import DearrayConfig, dearray_slide
 from her2_kedro.tma.wsi import open_slide
 

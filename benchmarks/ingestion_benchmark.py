@@ -94,8 +94,8 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
     import numpy as np
 
     from her2_kedro.synthetic.cohort import BALANCED_PRIORS, sample_cohort
+    from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, write_synthetic_slide
-    from her2_kedro.synthetic.tissue import CoreSpec, render_core
 
     n_rows, n_cols = int(rows), int(cols)
     labels = [f"{chr(65 + r)}-{c + 1}" for r in range(n_rows) for c in range(n_cols)]

@@ -296,8 +296,8 @@ def test_edge_line_of_broken_cores_keeps_labels(tmp_path: Path, edge: str) -> No
 def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) -> None:
     """The project's slide writer, small cores: a touching pair with lumens merged into one
     off-grid blob and both cores were lost (seeds found by search)."""
+    from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-    from her2_kedro.synthetic.tissue import CoreSpec, render_core
 
     rng = np.random.default_rng(seed)
     d = 120

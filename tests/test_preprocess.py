@@ -15,7 +15,7 @@ from her2_kedro.features.intensity import IntensityThresholds
 from her2_kedro.imaging.normalisation import StainEstimationError, angle_degrees
 from her2_kedro.imaging.tiling import TileRule
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
+from her2_kedro.synthetic.render import CoreSpec, render_core
 
 
 def _png(rgb: np.ndarray) -> bytes:

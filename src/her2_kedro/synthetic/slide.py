@@ -5,7 +5,7 @@ rotation). The layout table (``slide_layout``) is the ground truth for dearrayin
 centre of every grid position and whether a core is present there.
 
 Core images are square RGB images whose round tissue disk fills about ``CORE_FILL`` of the side
-(as ``tissue.render_core`` makes them); they are scaled so that the disk diameter is about
+(as ``render.render_core`` makes them); they are scaled so that the disk diameter is about
 ``core_diameter_px`` and blended only where there is tissue (grey below the glass level) inside
 the inscribed circle, so their own glass merges with the slide glass.
 
