@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from kedro.io.core import DatasetError
 
-from her2_kedro.io.datasets import (
-    MARKER,
-    FileListingDataset,
-    LabelTableDataset,
-    SyntheticCohort,
-    SyntheticCohortDataset,
-)
+from her2_kedro.io.outputs import FiguresDataset, OptionalCSVDataset
+from her2_kedro.io.raw_inputs import FileListingDataset, LabelTableDataset
+from her2_kedro.io.synthetic_cohort import MARKER, SyntheticCohort, SyntheticCohortDataset
 
 
 def test_listing_is_relative_and_skips_hidden_and_missing(tmp_path):
@@ -112,8 +110,6 @@ def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
 
 
 def test_optional_csv_is_none_until_written(tmp_path):
-    from her2_kedro.io.datasets import OptionalCSVDataset
-
     for name in ("metrics.csv", "predictions.parquet"):
         dataset = OptionalCSVDataset(filepath=str(tmp_path / "reports" / name))
         assert dataset.load() is None
@@ -124,8 +120,6 @@ def test_optional_csv_is_none_until_written(tmp_path):
 def test_figures_are_written_and_logged_to_the_active_mlflow_run(tmp_path):
     import mlflow
     from matplotlib.figure import Figure
-
-    from her2_kedro.io.datasets import FiguresDataset
 
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])
@@ -208,3 +202,40 @@ def test_a_file_changed_since_it_was_written_is_kept(tmp_path, caplog):
     assert "changed since the synthetic pipeline wrote it" in caplog.text
     assert "NOT written" in caplog.text
     assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f1"
+
+
+def _catalog_types() -> set[str]:
+    """Every dataset class path named in the project's catalogs (``type:`` and inner ``dataset:``)."""
+    import yaml
+
+    from her2_kedro import __file__ as package_file
+
+    conf = Path(package_file).parents[2] / "conf"
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("type", "dataset") and isinstance(value, str) and "." in value:
+                    found.add(value)
+                walk(value)
+
+    for path in conf.glob("*/catalog*.yml"):
+        walk(yaml.safe_load(path.read_text()))
+    return found
+
+
+def test_catalog_dataset_types_import_and_the_former_paths_still_work():
+    types = _catalog_types()
+    assert any(t.startswith("her2_kedro.io.") for t in types)
+    for dotted in types:
+        if dotted.startswith("her2_kedro."):
+            module, _, name = dotted.rpartition(".")
+            assert isinstance(getattr(importlib.import_module(module), name), type), dotted
+    former = importlib.import_module("her2_kedro.io.datasets")  # a user's conf/local may use it
+    for dotted in types:
+        if dotted.startswith("her2_kedro.io."):
+            name = dotted.rpartition(".")[2]
+            assert getattr(former, name) is getattr(
+                importlib.import_module(dotted.rpartition(".")[0]), name
+            )
