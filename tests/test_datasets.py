@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -239,3 +240,80 @@ def test_catalog_dataset_types_import_and_the_former_paths_still_work():
             assert getattr(former, name) is getattr(
                 importlib.import_module(dotted.rpartition(".")[0]), name
             )
+
+
+def _legacy_cohort(root, extra_files=()):
+    """A demo cohort as the generator wrote it before markers recorded content hashes."""
+    files = ["cores/core_00000.jpg", "cores/core_00001.jpg", "labels.csv"]
+    files += ["slides/tma_01.tif", "slide_map.csv"]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"old demo " + rel.encode())
+    marker = {  # the pre-hash format: no "sha256" field
+        "fingerprint": "f1",
+        "cores": 2,
+        "slides": ["tma_01.tif"],
+        "slide_cores": 1,
+        "files": files + list(extra_files),
+    }
+    (root / MARKER).write_text(json.dumps(marker, indent=2))
+    return files
+
+
+def test_a_legacy_marker_is_upgraded_and_the_cohort_rewritten(tmp_path, caplog):
+    _legacy_cohort(tmp_path)
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort("f1", names=("core_00000.jpg",)))  # same fingerprint: still rewritten
+    assert (tmp_path / "cores" / "core_00000.jpg").read_bytes() == b"jpeg-bytes"
+    assert sorted(p.name for p in (tmp_path / "cores").iterdir()) == ["core_00000.jpg"]
+    assert not (tmp_path / "slides" / "tma_01.tif").exists()
+    assert not (tmp_path / "slide_map.csv").exists()
+    marker = dataset.load()
+    assert set(marker["sha256"]) == set(marker["files"]) == {"cores/core_00000.jpg", "labels.csv"}
+    assert f"Synthetic marker {tmp_path / MARKER} was written by an earlier version" in caplog.text
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    dataset.save(_cohort("f1", names=("core_00000.jpg",)))  # upgraded: now a plain no-op
+    assert "already in" in caplog.text and "earlier version" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "listed",
+    ["cores/patient_7.jpg", "slides/my_scan.svs", "notes.txt", "../thesis.docx", "link"],
+)
+def test_a_legacy_marker_listing_what_the_generator_never_wrote_deletes_nothing(
+    tmp_path, caplog, listed
+):
+    root = tmp_path / "01_raw"
+    root.mkdir()
+    thesis = tmp_path / "thesis.docx"
+    thesis.write_bytes(b"years of work")
+    if listed == "link":  # named like a generated core, but a link out of the raw folder
+        listed = "cores/core_00009.jpg"
+        (root / "cores").mkdir()
+        (root / listed).symlink_to(thesis)
+    elif not listed.startswith(".."):
+        (root / listed).parent.mkdir(parents=True, exist_ok=True)
+        (root / listed).write_bytes(b"the user's own file")
+    files = _legacy_cohort(root, extra_files=[listed])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    SyntheticCohortDataset(root=str(root)).save(_cohort("f2", names=("core_00005.jpg",)))
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing deleted, nothing written, the marker unchanged
+    assert all((root / rel).exists() for rel in files)
+    assert f"legacy marker {root / MARKER}" in caplog.text and repr(listed) in caplog.text
+
+
+def test_an_unreadable_marker_vouches_for_nothing(tmp_path, caplog):
+    (tmp_path / MARKER).write_text("{not json")
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    with pytest.raises(DatasetError, match="unreadable"):
+        dataset.load()
+    (tmp_path / "cores").mkdir()
+    (tmp_path / "cores" / "core_00000.jpg").write_bytes(b"whose?")
+    dataset.save(_cohort())
+    assert (tmp_path / "cores" / "core_00000.jpg").read_bytes() == b"whose?"
+    assert "is unreadable" in caplog.text and "NOT written" in caplog.text
+    (tmp_path / "cores" / "core_00000.jpg").unlink()
+    dataset.save(_cohort())  # empty targets: written, and the marker replaced
+    assert dataset.load()["fingerprint"] == "f1"

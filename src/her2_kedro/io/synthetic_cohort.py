@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +48,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Names the generator has always given its files (cores ``core_{k:05d}.jpg``, slides
+#: ``tma_{i:02d}.tif``, the two tables). A marker written before content hashes were recorded
+#: (a "legacy" marker) is trusted for these names only.
+_GENERATOR_NAMES = re.compile(
+    r"cores/core_\d{5,}\.jpg|slides/tma_\d{2,}\.tif|labels\.csv|slide_map\.csv"
+)
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """The marker file as read: the files it lists with their sha256 (None where not recorded)."""
+
+    fingerprint: str | None
+    files: dict[str, str | None]
+    legacy: bool  # written before content hashes were recorded: no ``sha256`` field at all
+
+
 class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
     """Writes a ``SyntheticCohort`` under ``root`` (the raw layer) without ever touching user data.
 
-    The raw targets (``cores/``, ``labels.csv``, ``slides/``, ``slide_map.csv``) are written only when
-    every file in them is one that a marker file says this dataset wrote (so empty or absent targets
-    qualify, and a user's file anywhere there blocks the write). The marker records each file's
-    sha256: a file counts as ours, and may be replaced, only while it lies inside a target and its
-    content is unchanged, so a tampered marker (``../elsewhere``) or an edited file is never deleted. With the same fingerprint in the
-    marker the cohort is already there and nothing is rewritten. Loading returns the marker.
+    The raw targets (``cores/``, ``labels.csv``, ``slides/``, ``slide_map.csv``) are written only
+    when every file in them is one that a marker file says this dataset wrote (so empty or absent
+    targets qualify, and a user's file anywhere there blocks the write). A file counts as ours, and
+    may be replaced, only while it lies inside a target (no ``..``, no link leading out) and its
+    content has the sha256 the marker recorded, so a tampered marker (``../elsewhere``) or an
+    edited file is never deleted. With the same fingerprint in the marker the cohort is already
+    there and nothing is rewritten. Loading returns the marker.
+
+    A legacy marker (written before hashes were recorded) vouches only for files inside the
+    targets named as the generator names them; it is upgraded by rewriting the cohort. One that
+    lists anything else was not written by the generator: nothing is written or deleted.
     """
 
     TARGETS = ("cores", "labels.csv", "slides", "slide_map.csv")
@@ -68,38 +91,45 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
     def _marker(self) -> Path:
         return self._root / MARKER
 
-    def _recorded(self) -> dict[str, str | None]:
-        """Files (relative to the root) an earlier synthetic run recorded, with their sha256."""
+    def _read_marker(self) -> _Marker | None:
+        """The marker, None when there is none; an unreadable one vouches for nothing."""
         if not self._marker.is_file():
-            return {}
+            return None
         try:
-            marker = json.loads(self._marker.read_text())
-            hashes = marker.get("sha256", {})
-            return {str(rel): hashes.get(rel) for rel in marker.get("files", [])}
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            return {}
+            raw = json.loads(self._marker.read_text())
+            hashes = raw.get("sha256")
+            files = {str(rel): (hashes or {}).get(rel) for rel in raw.get("files", [])}
+            return _Marker(raw.get("fingerprint"), files, legacy=hashes is None)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+            logger.warning(
+                "Synthetic marker %s is unreadable: no file it lists counts as synthetic.",
+                self._marker,
+            )
+            return _Marker(None, {}, legacy=False)
 
-    def _own_file(self, rel: str, recorded_hash: str | None) -> Path | None:
-        """The file a marker entry names, if it is provably ours: else None, with the reason logged.
+    def _contained(self, rel: str) -> bool:
+        """True when ``rel`` names a location inside one of the raw targets, links resolved."""
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts or parts[0] not in self.TARGETS:
+            return False
+        return is_inside(self._root / rel, self._root.resolve() / parts[0])
 
-        Ours means: a relative path inside one of the raw targets (no ``..``, no link leading out
-        of the root), a regular file, and the content hash recorded when it was written.
+    def _own_file(self, rel: str, recorded_hash: str | None, legacy: bool) -> Path | None:
+        """The file a marker entry names, if it is provably ours: else None, the reason logged.
+
+        Ours means: inside a raw target (see ``_contained``), a regular file, and the content
+        hash recorded when it was written or, under a legacy marker, a name the generator writes.
         """
         path = self._root / rel
-        parts = Path(rel).parts
-        if (
-            Path(rel).is_absolute()
-            or ".." in parts
-            or not parts
-            or parts[0] not in self.TARGETS
-            or not is_inside(path, self._root)
-        ):
+        if not self._contained(rel):
             logger.warning(
                 "Synthetic marker lists %r, outside %s: left untouched.", rel, self._root
             )
             return None
         if not path.is_file():
             return None
+        if legacy:
+            return path if _GENERATOR_NAMES.fullmatch(rel) else None
         if recorded_hash is None:
             logger.warning("Synthetic marker has no content hash for %s: left untouched.", path)
             return None
@@ -110,13 +140,25 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
             return None
         return path
 
-    def _written_before(self) -> set[str]:
-        """Marker entries that are provably this dataset's files (contained, hash unchanged)."""
-        return {rel for rel, digest in self._recorded().items() if self._own_file(rel, digest)}
+    def _own_files(self, marker: _Marker | None) -> dict[str, Path]:
+        """Marker entries that are provably this dataset's files, by relative path."""
+        if marker is None:
+            return {}
+        own = {
+            rel: self._own_file(rel, digest, marker.legacy) for rel, digest in marker.files.items()
+        }
+        return {rel: path for rel, path in own.items() if path is not None}
 
-    def _user_data(self) -> list[str]:
+    def _foreign_legacy_entries(self, marker: _Marker) -> list[str]:
+        """Entries of a legacy marker that the generator never wrote (so it is not its marker)."""
+        return [
+            rel
+            for rel in marker.files
+            if not (self._contained(rel) and _GENERATOR_NAMES.fullmatch(rel))
+        ]
+
+    def _user_data(self, ours: Mapping[str, Path]) -> list[str]:
         """Files under the targets that this dataset did not write (so must never be touched)."""
-        ours = self._written_before()
         foreign = []
         for name in self.TARGETS:
             target = self._root / name
@@ -135,10 +177,19 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
     def load(self) -> dict[str, Any]:
         if not self._marker.is_file():
             raise DatasetError(f"No synthetic cohort under {self._root} (no {MARKER}).")
-        return json.loads(self._marker.read_text())
+        try:
+            return json.loads(self._marker.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DatasetError(
+                f"{self._marker} is unreadable ({err}); run `make clean-data`."
+            ) from err
 
     def save(self, data: SyntheticCohort) -> None:
-        occupied = self._user_data()
+        marker = self._read_marker()
+        if marker is not None and marker.legacy and self._refuse_legacy(marker):
+            return
+        ours = self._own_files(marker)
+        occupied = self._user_data(ours)
         if occupied:
             logger.warning(
                 "Synthetic cohort NOT written: %s holds %d file(s) that the synthetic pipeline did "
@@ -149,21 +200,41 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
                 occupied[0],
             )
             return
-        if self._marker.is_file():
-            previous = json.loads(self._marker.read_text())
-            if previous.get("fingerprint") == data.fingerprint:
+        if marker is not None and marker.legacy:
+            logger.warning(
+                "Synthetic marker %s was written by an earlier version, without content hashes: "
+                "replacing the %d file(s) it lists under the generator's names and recording "
+                "their hashes from now on.",
+                self._marker,
+                len(ours),
+            )
+        elif marker is not None:
+            if marker.fingerprint == data.fingerprint:
                 logger.info("Synthetic cohort with these parameters already in %s.", self._root)
                 return
             logger.info("Replacing the synthetic cohort in %s (parameters changed).", self._root)
-        self._clear_own_outputs()
+        self._clear(ours)
         self._write(data)
 
-    def _clear_own_outputs(self) -> None:
+    def _refuse_legacy(self, marker: _Marker) -> bool:
+        """True (with the reason logged) when a legacy marker lists what the generator never wrote."""
+        foreign = self._foreign_legacy_entries(marker)
+        if foreign:
+            logger.warning(
+                "Synthetic cohort NOT written: the legacy marker %s (no content hashes) lists "
+                "%d file(s) the synthetic generator never writes (first: %r), so it cannot vouch "
+                "for any file; nothing was deleted. Check those files, then delete the marker "
+                "or run `make clean-data`.",
+                self._marker,
+                len(foreign),
+                foreign[0],
+            )
+        return bool(foreign)
+
+    def _clear(self, ours: Mapping[str, Path]) -> None:
         """Delete the previous cohort's files: only those proven ours (see ``_own_file``)."""
-        for rel, digest in self._recorded().items():
-            path = self._own_file(rel, digest)
-            if path is not None:
-                path.unlink()
+        for path in ours.values():
+            path.unlink()
         self._marker.unlink(missing_ok=True)
 
     def _write(self, data: SyntheticCohort) -> None:
