@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slide_factory as sf  # noqa: E402
 
-from her2_kedro.tma import wsi  # noqa: E402
+from her2_kedro.tma import wsi, wsi_base  # noqa: E402
 from her2_kedro.tma.wsi import (  # noqa: E402
     OpenSlideReader,
     PILSlideReader,
@@ -120,8 +120,8 @@ def test_thumbnail_of_flat_tiff_is_strip_bounded(
     with open_slide(p) as r:
         assert r.level_count == 1
         ref, _ = r.thumbnail(200)  # small enough for the whole-level path
-    monkeypatch.setattr(wsi, "_WHOLE_LEVEL_BYTES", 10_000)
-    monkeypatch.setattr(wsi, "_STRIP_BYTES", 200_000)
+    monkeypatch.setattr(wsi_base, "_WHOLE_LEVEL_BYTES", 10_000)
+    monkeypatch.setattr(wsi_base, "_STRIP_BYTES", 200_000)
     sizes: list[int] = []
     orig = TiffSlideReader._read_level
 

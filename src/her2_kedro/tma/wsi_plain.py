@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image
 
 from her2_kedro.imaging.pixels import decode_png16, is_png16_colour, to_rgb_uint8
-from her2_kedro.tma.wsi import (
+from her2_kedro.tma.wsi_base import (
     CONVERT_HINT,
     BaseSlideReader,
     SlideReadError,
     SlideTooLarge,
-    _resize,
+    resize_rgb,
 )
 
 __all__ = ["PILSlideReader", "pil_pixel_limit"]
@@ -114,12 +114,15 @@ class PILSlideReader(BaseSlideReader):
             with self._open() as im:
                 im.draft("RGB", (tw, th))  # DCT-domain downscale: decode at 1/2..1/8
                 small = _pil_rgb(im)
-            return _resize(small, (tw, th))
+            return resize_rgb(small, (tw, th))
         self._decoded()
         return super()._level_thumbnail(level, tw, th)  # strip by strip, no full-size copy
 
     def probe(self) -> None:
         """Check the file decodes without keeping (or, for JPEG, fully decoding) it."""
+        self._guarded("probe decode", self._decode_check)
+
+    def _decode_check(self) -> None:
         with self._open() as im:
             if self._format == "JPEG":
                 im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
