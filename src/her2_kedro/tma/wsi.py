@@ -61,15 +61,36 @@ def _level0_location(level_coord: int, ds: float) -> int:
     return base
 
 
-def _adopt_geometry(reader: BaseSlideReader, slide: Any) -> None:
-    """Copy an OpenSlide-like backend's level geometry onto ``reader``; close the backend on error."""
-    try:
-        reader._dimensions = tuple(int(v) for v in slide.dimensions)  # type: ignore[assignment]
-        reader._level_dimensions = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
-        reader._level_downsamples = tuple(float(d) for d in slide.level_downsamples)
-    except Exception:
-        slide.close()
-        raise
+class _LibrarySlideReader(BaseSlideReader):
+    """A reader over a library with OpenSlide's interface (tiffslide, openslide).
+
+    The library's level geometry is adopted (the handle is closed if that fails), and a box of
+    level coordinates is read from the level-0 location the library maps back onto it.
+    """
+
+    def __init__(self, path: Path, open_library_slide: Callable[[str], Any]) -> None:
+        super().__init__(path)
+        self._slide: Any = open_library_slide(str(self.path))
+        try:
+            self._dimensions = tuple(int(v) for v in self._slide.dimensions)  # type: ignore[assignment]
+            self._level_dimensions = tuple(
+                (int(w), int(h)) for w, h in self._slide.level_dimensions
+            )
+            self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        except Exception:
+            self._slide.close()
+            raise
+
+    def _level0(self, level: int, x: int, y: int) -> tuple[int, int]:
+        """Level-0 location of the level-``level`` pixel (x, y)."""
+        ds = self._level_downsamples[level]
+        return _level0_location(x, ds), _level0_location(y, ds)
+
+    def close(self) -> None:
+        """Release the library's file handle."""
+        if not self._closed:
+            self._slide.close()
+        super().close()
 
 
 def _check_tiff_chunks(path: Path) -> None:
@@ -91,54 +112,39 @@ def _check_tiff_chunks(path: Path) -> None:
                 )
 
 
-class TiffSlideReader(BaseSlideReader):
+class TiffSlideReader(_LibrarySlideReader):
     """Reader backed by ``tiffslide.TiffSlide`` (pyramidal/flat TIFF, SVS, NDPI, SCN, BIF)."""
 
     def __init__(self, path: Path) -> None:
         import tiffslide
 
-        super().__init__(path)
-        self._slide: Any = tiffslide.TiffSlide(str(self.path))
-        _adopt_geometry(self, self._slide)
-        _check_tiff_chunks(self.path)
+        super().__init__(path, tiffslide.TiffSlide)
+        try:
+            _check_tiff_chunks(self.path)
+        except Exception:
+            self.close()
+            raise
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self._level_downsamples[level]
-        loc = (_level0_location(x, ds), _level0_location(y, ds))
+        loc = self._level0(level, x, y)
         arr = self._slide.read_region(loc, level, (w, h), as_array=True, padding=True)
         arr = to_rgb_uint8(arr)
         if arr.shape[:2] != (h, w):
             raise ValueError(f"backend returned shape {arr.shape}, expected {(h, w)}")
         return arr
 
-    def close(self) -> None:
-        """Release the TIFF file handle."""
-        if not self._closed:
-            self._slide.close()
-        super().close()
 
-
-class OpenSlideReader(BaseSlideReader):
+class OpenSlideReader(_LibrarySlideReader):
     """Reader backed by ``openslide.OpenSlide`` (MRXS, VMS and TIFFs tiffslide rejects)."""
 
     def __init__(self, path: Path) -> None:
         import openslide
 
-        super().__init__(path)
-        self._slide: Any = openslide.OpenSlide(str(self.path))
-        _adopt_geometry(self, self._slide)
+        super().__init__(path, openslide.OpenSlide)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self._level_downsamples[level]
-        loc = (_level0_location(x, ds), _level0_location(y, ds))
-        img = self._slide.read_region(loc, level, (w, h))  # RGBA PIL, premultiplied-free
+        img = self._slide.read_region(self._level0(level, x, y), level, (w, h))  # RGBA PIL
         return to_rgb_uint8(np.asarray(img))
-
-    def close(self) -> None:
-        """Release the OpenSlide handle."""
-        if not self._closed:
-            self._slide.close()
-        super().close()
 
 
 def _is_tiff(path: Path) -> bool:
