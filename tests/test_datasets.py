@@ -54,6 +54,18 @@ def test_label_table_missing_and_unreadable(tmp_path):
     assert "bad.csv" in table.error and "unreadable" in table.error
 
 
+def test_label_table_the_system_will_not_read_is_told_not_raised(tmp_path, monkeypatch):
+    path = tmp_path / "labels.csv"
+    path.write_text("filename,ihc-score\na.jpg,0\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pd, "read_csv", denied)
+    table = LabelTableDataset(filepath=str(path)).load()
+    assert table.frame is None and "Permission denied" in table.error
+
+
 def test_label_table_reads_text_and_blank_cells_as_missing(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("filename,ihc-score,her2-status\n a.jpg,02,\n")

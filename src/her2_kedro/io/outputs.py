@@ -14,15 +14,13 @@ from typing import Any
 import pandas as pd
 from kedro.io.core import AbstractDataset
 
+from her2_kedro.io.base import FileDataset
+
 __all__ = ["BytesDataset", "FiguresDataset", "OptionalCSVDataset"]
 
 
-class BytesDataset(AbstractDataset[bytes, bytes]):
+class BytesDataset(FileDataset[bytes, bytes]):
     """A file's bytes, unchanged: accepted cores keep their original encoding where possible."""
-
-    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
-        self._filepath = Path(filepath)
-        self.metadata = metadata
 
     def load(self) -> bytes:
         return self._filepath.read_bytes()
@@ -31,23 +29,13 @@ class BytesDataset(AbstractDataset[bytes, bytes]):
         self._filepath.parent.mkdir(parents=True, exist_ok=True)
         self._filepath.write_bytes(data)
 
-    def _exists(self) -> bool:
-        return self._filepath.is_file()
 
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
-
-
-class OptionalCSVDataset(AbstractDataset[pd.DataFrame | None, pd.DataFrame]):
+class OptionalCSVDataset(FileDataset[pd.DataFrame | None, pd.DataFrame]):
     """A report table that later runs update: loads ``None`` while the file does not exist yet.
 
     Used to read the previous ``metrics.csv`` / predictions so that a run replaces its own rows and
     keeps the other models' rows.
     """
-
-    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
-        self._filepath = Path(filepath)
-        self.metadata = metadata
 
     def load(self) -> pd.DataFrame | None:
         if not self._filepath.is_file():
@@ -62,12 +50,6 @@ class OptionalCSVDataset(AbstractDataset[pd.DataFrame | None, pd.DataFrame]):
             data.to_parquet(self._filepath, index=False)
         else:
             data.to_csv(self._filepath, index=False)
-
-    def _exists(self) -> bool:
-        return self._filepath.is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
 
 
 class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):

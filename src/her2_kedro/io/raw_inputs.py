@@ -18,25 +18,17 @@ from typing import Any
 import pandas as pd
 from kedro.io.core import AbstractDataset, DatasetError
 
+from her2_kedro.io.base import FileDataset, is_inside
+
 __all__ = [
     "DELIMITERS",
     "FileListingDataset",
     "LabelTable",
     "LabelTableDataset",
-    "is_inside",
     "sniff_delimiter",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def is_inside(path: Path, root: Path) -> bool:
-    """True when ``path`` resolves to a location inside ``root`` (symlinks included)."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
 
 
 class FileListingDataset(AbstractDataset[dict[str, Path], None]):
@@ -124,7 +116,7 @@ class LabelTable:
         return self.frame is not None
 
 
-class LabelTableDataset(AbstractDataset[LabelTable, None]):
+class LabelTableDataset(FileDataset[LabelTable, None]):
     """Optional label table (``labels.csv``, ``slide_map.csv``), every cell read as text.
 
     The separator (comma, semicolon or tab) is sniffed from the header line, so a table saved
@@ -133,10 +125,6 @@ class LabelTableDataset(AbstractDataset[LabelTable, None]):
     Missing → ``LabelTable(frame=None)``; unparseable → ``LabelTable(frame=None, error=...)`` naming the
     file and the parser's complaint. Validation of the values happens in ``her2_kedro.tma.qc.labels``.
     """
-
-    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
-        self._filepath = Path(filepath)
-        self.metadata = metadata
 
     def load(self) -> LabelTable:
         source = self._filepath.name
@@ -151,7 +139,12 @@ class LabelTableDataset(AbstractDataset[LabelTable, None]):
                 skipinitialspace=True,
                 encoding="utf-8-sig",
             )
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        except (
+            OSError,
+            pd.errors.ParserError,
+            UnicodeDecodeError,
+            pd.errors.EmptyDataError,
+        ) as err:
             message = f"{self._filepath}: unreadable label table ({type(err).__name__}: {err})"
             logger.error(message)
             return LabelTable(source=source, frame=None, error=message)
@@ -160,9 +153,3 @@ class LabelTableDataset(AbstractDataset[LabelTable, None]):
 
     def save(self, data: LabelTable) -> None:
         raise DatasetError(f"{self._filepath} is a raw input: the pipeline never writes to it.")
-
-    def _exists(self) -> bool:
-        return self._filepath.is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from kedro.io.core import AbstractDataset, DatasetError
 
-from her2_kedro.io.raw_inputs import is_inside
+from her2_kedro.io.base import is_inside
 
 __all__ = ["MARKER", "SyntheticCohort", "SyntheticCohortDataset", "file_sha256"]
 
