@@ -303,3 +303,22 @@ def test_rgba_png_composited_on_white(tmp_path: Path) -> None:
     with open_slide(p) as r:
         reg = r.read_region((0, 0), 0, (30, 20))
     assert np.all(reg[0, 0] == 255) and tuple(reg[7, 7]) == (50, 60, 70)
+
+
+def test_a_slide_only_pil_decodes_gets_the_core_folders_pixels(tmp_path: Path, scene: sf.Scene):
+    """A CMYK JPEG slide goes through PIL with the QC's conversion rules: one set, same pixels."""
+    from her2_kedro.config import ImageChecks, TileConfig
+    from her2_kedro.tma.qc.images import check_image
+
+    p = tmp_path / "cmyk.jpg"
+    Image.fromarray(sf.render(scene, 0, 0, scene.width, scene.height)).convert("CMYK").save(
+        p, quality=95
+    )
+    checked = check_image(
+        p.read_bytes(), "cmyk.jpg", ImageChecks(min_side=64), TileConfig(tile_size=64, stride=64)
+    )
+    assert checked.ok and "CMYK" in checked.reason
+    with open_slide(p) as r:
+        assert isinstance(r, PILSlideReader)
+        region = r.read_region((0, 0), 0, (scene.width, scene.height))
+    np.testing.assert_array_equal(region, checked.rgb)

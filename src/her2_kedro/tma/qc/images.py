@@ -98,8 +98,13 @@ def _grey_to_rgb(grey8: np.ndarray) -> np.ndarray:
     return np.repeat(grey8[:, :, None], 3, axis=2)
 
 
-def _pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
-    """Convert a loaded PIL image of any supported mode to uint8 RGB; returns (rgb, note)."""
+def pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
+    """Convert a loaded PIL image of any supported mode to uint8 RGB; returns (rgb, note).
+
+    The one set of conversion rules for cores and plain slides alike (alpha onto white, 16-bit
+    and float grey by ``imaging.pixels.to_uint8``); an unsupported mode raises, the reason as
+    the message.
+    """
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im), ""
@@ -310,7 +315,7 @@ def _decode(
         _jpeg_strict_check(data)
     png16 = fmt == "PNG" and is_png16_colour(data[:32])
     try:
-        rgb, note = _decode_png16(data) if png16 else _pil_to_rgb(im)
+        rgb, note = _decode_png16(data) if png16 else pil_to_rgb(im)
     except _Rejected:
         raise
     except Exception as exc:  # noqa: BLE001
