@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from her2_kedro.imaging.pixels import to_rgb_uint8
+from her2_kedro.tma.qc.images import TIFF_MAGIC
 from her2_kedro.tma.wsi_base import (
     CONVERT_HINT,
     BaseSlideReader,
@@ -153,7 +154,7 @@ def _is_tiff(path: Path) -> bool:
             head = fh.read(4)
     except OSError:
         return False
-    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    return head in TIFF_MAGIC
 
 
 def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:

@@ -34,7 +34,8 @@ __all__ = ["ALLOWED_FORMATS", "CheckedImage", "check_image", "content_hash", "ha
 #: Image formats accepted as core files.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF")
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: The first four bytes of a TIFF or BigTIFF file (either byte order).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # PIL reports some JPEGs (multi-picture, e.g. from cameras) as MPO; they are JPEG streams.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
@@ -244,7 +245,7 @@ def _open(data: bytes, checks: ImageChecks, tiles: TileConfig) -> Image.Image | 
             f"pixel count exceeds the decompression-bomb limit (not decoded): {_short(exc)}"
         ) from exc
     except UnidentifiedImageError as exc:
-        if data[:4] in _TIFF_MAGIC:
+        if data[:4] in TIFF_MAGIC:
             return _tiff_decoded(data, checks, tiles)
         raise _Rejected("not an image: content is not a recognised image format") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
