@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import logging
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from kedro.io.core import DatasetError
 
-from her2_kedro.io.datasets import (
-    MARKER,
-    FileListingDataset,
-    LabelTableDataset,
-    SyntheticCohort,
-    SyntheticCohortDataset,
-)
+from her2_kedro.io.outputs import FiguresDataset, OptionalCSVDataset
+from her2_kedro.io.raw_inputs import FileListingDataset, LabelTableDataset
+from her2_kedro.io.synthetic_cohort import MARKER, SyntheticCohort, SyntheticCohortDataset
 
 
 def test_listing_is_relative_and_skips_hidden_and_missing(tmp_path):
@@ -53,6 +52,18 @@ def test_label_table_missing_and_unreadable(tmp_path):
     table = LabelTableDataset(filepath=str(bad)).load()
     assert table.frame is None
     assert "bad.csv" in table.error and "unreadable" in table.error
+
+
+def test_label_table_the_system_will_not_read_is_told_not_raised(tmp_path, monkeypatch):
+    path = tmp_path / "labels.csv"
+    path.write_text("filename,ihc-score\na.jpg,0\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pd, "read_csv", denied)
+    table = LabelTableDataset(filepath=str(path)).load()
+    assert table.frame is None and "Permission denied" in table.error
 
 
 def test_label_table_reads_text_and_blank_cells_as_missing(tmp_path):
@@ -112,8 +123,6 @@ def test_synthetic_writer_replaces_only_its_own_files(tmp_path, caplog):
 
 
 def test_optional_csv_is_none_until_written(tmp_path):
-    from her2_kedro.io.datasets import OptionalCSVDataset
-
     for name in ("metrics.csv", "predictions.parquet"):
         dataset = OptionalCSVDataset(filepath=str(tmp_path / "reports" / name))
         assert dataset.load() is None
@@ -124,8 +133,6 @@ def test_optional_csv_is_none_until_written(tmp_path):
 def test_figures_are_written_and_logged_to_the_active_mlflow_run(tmp_path):
     import mlflow
     from matplotlib.figure import Figure
-
-    from her2_kedro.io.datasets import FiguresDataset
 
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])
@@ -208,3 +215,117 @@ def test_a_file_changed_since_it_was_written_is_kept(tmp_path, caplog):
     assert "changed since the synthetic pipeline wrote it" in caplog.text
     assert "NOT written" in caplog.text
     assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f1"
+
+
+def _catalog_types() -> set[str]:
+    """Every dataset class path named in the project's catalogs (``type:`` and inner ``dataset:``)."""
+    import yaml
+
+    from her2_kedro import __file__ as package_file
+
+    conf = Path(package_file).parents[2] / "conf"
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("type", "dataset") and isinstance(value, str) and "." in value:
+                    found.add(value)
+                walk(value)
+
+    for path in conf.glob("*/catalog*.yml"):
+        walk(yaml.safe_load(path.read_text()))
+    return found
+
+
+def test_catalog_dataset_types_import_and_the_former_paths_still_work():
+    types = _catalog_types()
+    assert any(t.startswith("her2_kedro.io.") for t in types)
+    for dotted in types:
+        if dotted.startswith("her2_kedro."):
+            module, _, name = dotted.rpartition(".")
+            assert isinstance(getattr(importlib.import_module(module), name), type), dotted
+    former = importlib.import_module("her2_kedro.io.datasets")  # a user's conf/local may use it
+    for dotted in types:
+        if dotted.startswith("her2_kedro.io."):
+            name = dotted.rpartition(".")[2]
+            assert getattr(former, name) is getattr(
+                importlib.import_module(dotted.rpartition(".")[0]), name
+            )
+
+
+def _legacy_cohort(root, extra_files=()):
+    """A demo cohort as the generator wrote it before markers recorded content hashes."""
+    files = ["cores/core_00000.jpg", "cores/core_00001.jpg", "labels.csv"]
+    files += ["slides/tma_01.tif", "slide_map.csv"]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"old demo " + rel.encode())
+    marker = {  # the pre-hash format: no "sha256" field
+        "fingerprint": "f1",
+        "cores": 2,
+        "slides": ["tma_01.tif"],
+        "slide_cores": 1,
+        "files": files + list(extra_files),
+    }
+    (root / MARKER).write_text(json.dumps(marker, indent=2))
+    return files
+
+
+def test_a_legacy_marker_is_upgraded_and_the_cohort_rewritten(tmp_path, caplog):
+    _legacy_cohort(tmp_path)
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort("f1", names=("core_00000.jpg",)))  # same fingerprint: still rewritten
+    assert (tmp_path / "cores" / "core_00000.jpg").read_bytes() == b"jpeg-bytes"
+    assert sorted(p.name for p in (tmp_path / "cores").iterdir()) == ["core_00000.jpg"]
+    assert not (tmp_path / "slides" / "tma_01.tif").exists()
+    assert not (tmp_path / "slide_map.csv").exists()
+    marker = dataset.load()
+    assert set(marker["sha256"]) == set(marker["files"]) == {"cores/core_00000.jpg", "labels.csv"}
+    assert f"Synthetic marker {tmp_path / MARKER} was written by an earlier version" in caplog.text
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    dataset.save(_cohort("f1", names=("core_00000.jpg",)))  # upgraded: now a plain no-op
+    assert "already in" in caplog.text and "earlier version" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "listed",
+    ["cores/patient_7.jpg", "slides/my_scan.svs", "notes.txt", "../thesis.docx", "link"],
+)
+def test_a_legacy_marker_listing_what_the_generator_never_wrote_deletes_nothing(
+    tmp_path, caplog, listed
+):
+    root = tmp_path / "01_raw"
+    root.mkdir()
+    thesis = tmp_path / "thesis.docx"
+    thesis.write_bytes(b"years of work")
+    if listed == "link":  # named like a generated core, but a link out of the raw folder
+        listed = "cores/core_00009.jpg"
+        (root / "cores").mkdir()
+        (root / listed).symlink_to(thesis)
+    elif not listed.startswith(".."):
+        (root / listed).parent.mkdir(parents=True, exist_ok=True)
+        (root / listed).write_bytes(b"the user's own file")
+    files = _legacy_cohort(root, extra_files=[listed])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    SyntheticCohortDataset(root=str(root)).save(_cohort("f2", names=("core_00005.jpg",)))
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing deleted, nothing written, the marker unchanged
+    assert all((root / rel).exists() for rel in files)
+    assert f"legacy marker {root / MARKER}" in caplog.text and repr(listed) in caplog.text
+
+
+def test_an_unreadable_marker_vouches_for_nothing(tmp_path, caplog):
+    (tmp_path / MARKER).write_text("{not json")
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    with pytest.raises(DatasetError, match="unreadable"):
+        dataset.load()
+    (tmp_path / "cores").mkdir()
+    (tmp_path / "cores" / "core_00000.jpg").write_bytes(b"whose?")
+    dataset.save(_cohort())
+    assert (tmp_path / "cores" / "core_00000.jpg").read_bytes() == b"whose?"
+    assert "is unreadable" in caplog.text and "NOT written" in caplog.text
+    (tmp_path / "cores" / "core_00000.jpg").unlink()
+    dataset.save(_cohort())  # empty targets: written, and the marker replaced
+    assert dataset.load()["fingerprint"] == "f1"

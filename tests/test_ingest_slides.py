@@ -135,3 +135,18 @@ def test_one_bad_core_region_rejects_that_core_and_the_others_go_on(tmp_path, mo
     ]
     truth = {f"tma1_{lab}": scene.cores[lab] for lab in labels if f"tma1_{lab}" != second}
     _assert_cores_are(result, truth)
+
+
+@pytest.mark.parametrize("error", [None, "slide_map.csv: unreadable label table (ParserError: x)"])
+def test_a_missing_or_unreadable_slide_map_leaves_every_core_told_and_unlabelled(tmp_path, error):
+    scene = sf.make_tma(2, 2, seed=3)
+    files = _slide(tmp_path, scene)
+    config = DearrayConfig(thumbnail_max_side=500)
+    result = ingest.ingest_slides(files, None, error, config, CHECKS, TILES)
+    assert result.records.empty and result.payloads == {}
+    state = "unreadable" if error else "missing"
+    told = {(p.source, p.core_id, p.reason) for p in result.problems}
+    assert told == {
+        ("slides/tma1.tif", f"tma1_{label}", f"core without label: slide_map.csv is {state}")
+        for label in ("A-1", "A-2", "B-1", "B-2")
+    } | ({("slide_map.csv", "", error)} if error else set())

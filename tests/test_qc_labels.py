@@ -292,6 +292,7 @@ def test_slide_map_clean() -> None:
         (("s1.tif", "7A", "0", "0"), "s1_7A", "invalid core label"),
         (("s1.tif", "A1", "0", "0"), "s1_A1", "invalid core label"),
         (("../s1.tif", "A-1", "0", "0"), "../s1.tif_A-1", "escapes the slides folder"),
+        (("", "A-1", "0", "0"), "_A-1", "slide is empty (data row 5)"),
         (("s1.tif", "A-1", "3", "1"), "s1_A-1", "conflicting rows"),
         # an invalid extra row is rejected on its own; the core keeps its valid row
         (("s1.tif", "A-1", "3", "0"), "s1_A-1", "(data row 5); the valid row 1 is used"),
@@ -332,6 +333,21 @@ def test_slide_map_core_without_label_and_duplicate() -> None:
         ("slides/s2.ome.tiff", "s2_A-1"),
     }
     assert clean["core_id"].tolist() == ["s1_A-1"]
+
+
+def test_slide_map_ambiguous_slide_name_is_told_with_its_candidates() -> None:
+    found = {"run1/s3.tif": ["A-1"], "run2/s3.tif": ["A-1"], "s1.tif": ["A-1"]}
+    rows = [("s3.tif", "A-1", "0", "0"), ("s1.tif", "A-1", "3", "1")]
+    clean, problems = validate_slide_map(table(rows, SLIDE_COLS), "slide_map.csv", found)
+    [reason] = [p.reason for p in problems if p.source == "slide_map.csv"]
+    assert reason == (
+        "label without core: slide name 's3.tif' is ambiguous (run1/s3.tif, run2/s3.tif)"
+    )
+    assert clean["core_id"].tolist() == ["s1_A-1"]
+    assert {p.source for p in problems if "core without label" in p.reason} == {
+        "slides/run1/s3.tif",
+        "slides/run2/s3.tif",
+    }
 
 
 def test_slide_map_missing_column() -> None:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slide_factory as sf  # noqa: E402
 
-from her2_kedro.tma import wsi  # noqa: E402
+from her2_kedro.tma import wsi, wsi_base  # noqa: E402
 from her2_kedro.tma.wsi import (  # noqa: E402
     OpenSlideReader,
     PILSlideReader,
@@ -120,8 +120,8 @@ def test_thumbnail_of_flat_tiff_is_strip_bounded(
     with open_slide(p) as r:
         assert r.level_count == 1
         ref, _ = r.thumbnail(200)  # small enough for the whole-level path
-    monkeypatch.setattr(wsi, "_WHOLE_LEVEL_BYTES", 10_000)
-    monkeypatch.setattr(wsi, "_STRIP_BYTES", 200_000)
+    monkeypatch.setattr(wsi_base, "_WHOLE_LEVEL_BYTES", 10_000)
+    monkeypatch.setattr(wsi_base, "_STRIP_BYTES", 200_000)
     sizes: list[int] = []
     orig = TiffSlideReader._read_level
 
@@ -303,3 +303,22 @@ def test_rgba_png_composited_on_white(tmp_path: Path) -> None:
     with open_slide(p) as r:
         reg = r.read_region((0, 0), 0, (30, 20))
     assert np.all(reg[0, 0] == 255) and tuple(reg[7, 7]) == (50, 60, 70)
+
+
+def test_a_slide_only_pil_decodes_gets_the_core_folders_pixels(tmp_path: Path, scene: sf.Scene):
+    """A CMYK JPEG slide goes through PIL with the QC's conversion rules: one set, same pixels."""
+    from her2_kedro.config import ImageChecks, TileConfig
+    from her2_kedro.tma.qc.images import check_image
+
+    p = tmp_path / "cmyk.jpg"
+    Image.fromarray(sf.render(scene, 0, 0, scene.width, scene.height)).convert("CMYK").save(
+        p, quality=95
+    )
+    checked = check_image(
+        p.read_bytes(), "cmyk.jpg", ImageChecks(min_side=64), TileConfig(tile_size=64, stride=64)
+    )
+    assert checked.ok and "CMYK" in checked.reason
+    with open_slide(p) as r:
+        assert isinstance(r, PILSlideReader)
+        region = r.read_region((0, 0), 0, (scene.width, scene.height))
+    np.testing.assert_array_equal(region, checked.rgb)

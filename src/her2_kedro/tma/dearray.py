@@ -6,7 +6,7 @@ time are ever held in memory, so slides of any size dearray in bounded memory.
 Pipeline (``dearray_slide``): blobs of the thumbnail's tissue mask (``tma.detect``) give the
 grid's rotation, pitches and labels (``tma.grid.fit_grid``); then every node of that grid is
 checked on a second, fainter tissue mask (``tma.refine``). Labels follow ``tma.grid_labels``;
-``tma.grid.anchor_to_positions`` re-anchors them to a slide map.
+``tma.anchoring.anchor_to_positions`` re-anchors them to a slide map.
 """
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ import numpy as np
 
 from her2_kedro.config.ingestion import DearrayConfig
 from her2_kedro.config.shared import TileConfig
+from her2_kedro.tma.anchoring import Anchoring, anchor_to_positions
 from her2_kedro.tma.detect import CoreCandidates, detect_cores
-from her2_kedro.tma.grid import (
-    Anchoring,
-    DearrayResult,
-    GridCore,
-    anchor_to_positions,
-    core_box,
-    fit_grid,
-)
+from her2_kedro.tma.grid import DearrayResult, GridCore, core_box, fit_grid
 from her2_kedro.tma.grid_labels import canonical_label, grid_label, parse_grid_label
 from her2_kedro.tma.refine import refine_on_tissue
 from her2_kedro.tma.wsi import SlideReader

@@ -1,17 +1,17 @@
-"""Fitting a rotated rectangular grid to core centres, and anchoring its labels to a slide map.
+"""Fitting a rotated rectangular grid to core centres and labelling its nodes.
 
 Conventions: coordinates are level-0 pixels (x to the right, y down); labels follow
 ``tma.grid_labels``. Grid indices are ``round(offset / pitch)`` from the first occupied
 row/column, so missing cores, and even whole missing interior rows/columns, keep the labels of
 the others right; an empty *first* row or column is recovered from ``slide_map.csv`` by
-``anchor_to_positions``. ``rotation_deg`` is the angle of the grid's row direction from the
+``tma.anchoring``. ``rotation_deg`` is the angle of the grid's row direction from the
 image x axis, measured towards +y (clockwise on screen), folded into (-45, 45].
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,15 @@ from scipy.spatial import cKDTree
 from her2_kedro.config.ingestion import DearrayConfig
 from her2_kedro.tma.grid_labels import grid_label
 
-__all__ = ["Anchoring", "DearrayResult", "GridCore", "anchor_to_positions", "core_box", "fit_grid"]
+__all__ = [
+    "DearrayResult",
+    "GridCore",
+    "core_box",
+    "fit_grid",
+    "from_grid_frame",
+    "missing_labels",
+    "to_grid_frame",
+]
 
 
 @dataclass
@@ -160,6 +168,110 @@ def _best_window(idx: np.ndarray, weights: np.ndarray, size: int) -> int:
     return best
 
 
+def to_grid_frame(pts: np.ndarray, theta: float) -> np.ndarray:
+    """Level-0 (x, y) points in the grid's frame (u along a row, v along a column)."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.stack([pts[:, 0] * c + pts[:, 1] * s, -pts[:, 0] * s + pts[:, 1] * c], axis=1)
+
+
+def from_grid_frame(u: float, v: float, theta: float) -> tuple[float, float]:
+    """A point of the grid's frame back in level-0 (x, y)."""
+    c, s = math.cos(theta), math.sin(theta)
+    return u * c - v * s, u * s + v * c
+
+
+def missing_labels(
+    n_rows: int, n_cols: int, occupied: Collection[tuple[int, int]], params: DearrayConfig
+) -> list[str]:
+    """Labels of the (row, column) nodes of an n_rows x n_cols grid that hold no core."""
+    return [
+        grid_label(i, j, params)
+        for i in range(n_rows)
+        for j in range(n_cols)
+        if (i, j) not in occupied
+    ]
+
+
+@dataclass
+class _Lattice:
+    """Every blob's lattice column/row index in the grid's frame and its distance from its node."""
+
+    theta: float  # rotation (radians)
+    col: np.ndarray
+    row: np.ndarray
+    off: np.ndarray  # distance from the blob to its lattice node (level-0 px)
+    px: float  # pitch along a row (between columns)
+    py: float  # pitch along a column (between rows)
+
+
+def _fit_lattice(
+    pts: np.ndarray, weights: np.ndarray, diameter: float, params: DearrayConfig
+) -> _Lattice:
+    """Rotation from neighbour directions, then a 1-D lattice fit along each grid axis."""
+    theta = _estimate_rotation(pts, diameter)
+    uv = to_grid_frame(pts, theta)
+    px, py = _estimate_pitches(uv, diameter)
+    if len(pts) >= 2:
+        iu, au, px = _fit_axis(uv[:, 0], px, weights, params.max_offgrid)
+        iv, av, py = _fit_axis(uv[:, 1], py, weights, params.max_offgrid)
+    else:
+        iu, iv = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        au, av = float(uv[0, 0]), float(uv[0, 1])
+    off = np.hypot(uv[:, 0] - (au + iu * px), uv[:, 1] - (av + iv * py))
+    return _Lattice(theta, iu, iv, off, px, py)
+
+
+def _place_on_grid(
+    lattice: _Lattice, on_grid: np.ndarray, weights: np.ndarray, params: DearrayConfig
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Rows and columns counted from the grid's first row/column, and the grid's size.
+
+    With an expected size, the window of that size holding the most blob weight is the grid;
+    without one, the grid spans the on-grid blobs.
+    """
+    iu, iv, w = lattice.col[on_grid], lattice.row[on_grid], weights[on_grid]
+    col0 = _best_window(iu, w, params.n_cols) if params.n_cols else int(iu.min())
+    row0 = _best_window(iv, w, params.n_rows) if params.n_rows else int(iv.min())
+    cols, rows = lattice.col - col0, lattice.row - row0
+    n_cols = params.n_cols or int(cols[on_grid].max()) + 1
+    n_rows = params.n_rows or int(rows[on_grid].max()) + 1
+    return rows, cols, n_rows, n_cols
+
+
+def _one_blob_per_node(
+    candidates: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    weights: np.ndarray,
+    off: np.ndarray,
+) -> tuple[dict[tuple[int, int], int], list[int]]:
+    """The blob kept on each (row, column) node and the losers, in the order they lost.
+
+    Of two blobs on one node the clearly larger one (by 25 %) wins, else the closer one.
+    """
+    chosen: dict[tuple[int, int], int] = {}
+    losers: list[int] = []
+    for k in candidates:
+        key = (int(rows[k]), int(cols[k]))
+        if key not in chosen:
+            chosen[key] = int(k)
+            continue
+        j = chosen[key]
+        if weights[k] >= 1.25 * weights[j] or (weights[j] < 1.25 * weights[k] and off[k] < off[j]):
+            chosen[key], loser = int(k), j
+        else:
+            loser = int(k)
+        losers.append(loser)
+    return chosen, losers
+
+
+def _rejections(
+    reason: str, pts: np.ndarray, index: Iterable[int]
+) -> list[tuple[str, float, float]]:
+    """(reason, x, y) of the blobs at ``index``."""
+    return [(reason, float(pts[k, 0]), float(pts[k, 1])) for k in index]
+
+
 def fit_grid(
     centroids: np.ndarray,
     diameter_px: float,
@@ -181,161 +293,37 @@ def fit_grid(
     diameter = float(diameter_px) if diameter_px and diameter_px > 0 else 1.0
     if n == 0:
         nr, nc = params.n_rows or 0, params.n_cols or 0
-        missing = [grid_label(i, j, params) for i in range(nr) for j in range(nc)]
+        missing = missing_labels(nr, nc, (), params)
         return DearrayResult([], missing, [], 0.0, 0.0, float(diameter_px or 0.0), nr, nc)
 
-    theta = _estimate_rotation(pts, diameter)
-    c, s = math.cos(theta), math.sin(theta)
-    uv = np.stack([pts[:, 0] * c + pts[:, 1] * s, -pts[:, 0] * s + pts[:, 1] * c], axis=1)
-    px, py = _estimate_pitches(uv, diameter)
-    if n >= 2:
-        iu, au, px = _fit_axis(uv[:, 0], px, w, params.max_offgrid)
-        iv, av, py = _fit_axis(uv[:, 1], py, w, params.max_offgrid)
-    else:
-        iu, iv = np.zeros(1, np.int64), np.zeros(1, np.int64)
-        au, av = float(uv[0, 0]), float(uv[0, 1])
-    res_u = uv[:, 0] - (au + iu * px)
-    res_v = uv[:, 1] - (av + iv * py)
-    off = np.hypot(res_u, res_v)
-    pitch = min(px, py)
-
-    rejected: list[tuple[str, float, float]] = []
-    ok = off <= params.max_offgrid * pitch
-    for k in np.nonzero(~ok)[0]:
-        rejected.append(("off-grid", float(pts[k, 0]), float(pts[k, 1])))
-    if not ok.any():
+    lattice = _fit_lattice(pts, w, diameter, params)
+    rotation_deg, pitch = math.degrees(lattice.theta), min(lattice.px, lattice.py)
+    on_grid = lattice.off <= params.max_offgrid * pitch
+    rejected = _rejections("off-grid", pts, np.nonzero(~on_grid)[0])
+    if not on_grid.any():
         return DearrayResult(
-            [], [], rejected, math.degrees(theta), float(pitch), diameter, 0, 0, px, py
+            [], [], rejected, rotation_deg, float(pitch), diameter, 0, 0, lattice.px, lattice.py
         )
 
-    col0 = _best_window(iu[ok], w[ok], params.n_cols) if params.n_cols else int(iu[ok].min())
-    row0 = _best_window(iv[ok], w[ok], params.n_rows) if params.n_rows else int(iv[ok].min())
-    cols = iu - col0
-    rows = iv - row0
-    n_cols = params.n_cols or int(cols[ok].max()) + 1
-    n_rows = params.n_rows or int(rows[ok].max()) + 1
-    inside = ok & (cols >= 0) & (cols < n_cols) & (rows >= 0) & (rows < n_rows)
-    for k in np.nonzero(ok & ~inside)[0]:
-        rejected.append(("outside-grid", float(pts[k, 0]), float(pts[k, 1])))
-
-    # one blob per node: keep the clearly larger one, else the closer one
-    chosen: dict[tuple[int, int], int] = {}
-    for k in np.nonzero(inside)[0]:
-        key = (int(rows[k]), int(cols[k]))
-        if key not in chosen:
-            chosen[key] = int(k)
-            continue
-        j = chosen[key]
-        if w[k] >= 1.25 * w[j] or (w[j] < 1.25 * w[k] and off[k] < off[j]):
-            chosen[key], loser = int(k), j
-        else:
-            loser = int(k)
-        rejected.append(("duplicate", float(pts[loser, 0]), float(pts[loser, 1])))
+    rows, cols, n_rows, n_cols = _place_on_grid(lattice, on_grid, w, params)
+    inside = on_grid & (cols >= 0) & (cols < n_cols) & (rows >= 0) & (rows < n_rows)
+    rejected += _rejections("outside-grid", pts, np.nonzero(on_grid & ~inside)[0])
+    chosen, losers = _one_blob_per_node(np.nonzero(inside)[0], rows, cols, w, lattice.off)
+    rejected += _rejections("duplicate", pts, losers)
 
     cores = [
-        GridCore(
-            label=grid_label(r, cc, params),
-            row=r,
-            col=cc,
-            cx=float(pts[k, 0]),
-            cy=float(pts[k, 1]),
-            diameter=diameter,
-        )
-        for (r, cc), k in sorted(chosen.items())
-    ]
-    missing = [
-        grid_label(i, j, params)
-        for i in range(n_rows)
-        for j in range(n_cols)
-        if (i, j) not in chosen
+        GridCore(grid_label(r, c, params), r, c, float(pts[k, 0]), float(pts[k, 1]), diameter)
+        for (r, c), k in sorted(chosen.items())
     ]
     return DearrayResult(
         cores=cores,
-        missing=missing,
+        missing=missing_labels(n_rows, n_cols, chosen, params),
         rejected=rejected,
-        rotation_deg=math.degrees(theta),
-        pitch_px=float((px + py) / 2.0),
+        rotation_deg=rotation_deg,
+        pitch_px=float((lattice.px + lattice.py) / 2.0),
         diameter_px=diameter,
         n_rows=n_rows,
         n_cols=n_cols,
-        pitch_x_px=float(px),
-        pitch_y_px=float(py),
+        pitch_x_px=float(lattice.px),
+        pitch_y_px=float(lattice.py),
     )
-
-
-# --------------------------------------------------------------------------- anchoring
-@dataclass(frozen=True)
-class Anchoring:
-    """How the labels of a fitted grid were shifted to agree with the slide map."""
-
-    row_shift: int
-    col_shift: int
-    agree: int  # found cores whose shifted position the map names
-    found: int  # cores found
-    ties: int  # shifts that agree equally well (1 = unambiguous)
-
-    def describe(self) -> str:
-        """One line for the log."""
-        text = (
-            f"labels anchored to slide_map.csv: grid shifted by {self.row_shift} row(s), "
-            f"{self.col_shift} column(s); {self.agree} of {self.found} cores agree with the map"
-        )
-        if self.ties > 1:
-            text += (
-                f"; {self.ties} shifts fit equally well, the smallest was taken (give "
-                "ingestion.dearray.n_rows/n_cols or list only the punched cores in the map)"
-            )
-        return text
-
-
-def _shift_limit(found_max: int, expected: int | None, map_max: int) -> int:
-    """Largest shift to try along one axis: within the expected grid size when it is given."""
-    if expected is not None:
-        return max(0, expected - 1 - found_max)
-    return max(0, map_max)
-
-
-def anchor_to_positions(
-    result: DearrayResult, positions: Collection[tuple[int, int]], params: DearrayConfig
-) -> tuple[DearrayResult, Anchoring | None]:
-    """Shift the grid's labels so that its cores land on the positions the slide map names.
-
-    A grid inferred from the cores found starts at the first occupied row and column, so an
-    empty first row or column shifts every label. Here the shift (rows, columns >= 0) that puts
-    the most found cores on (row, column) positions named in the map wins; ties go to the
-    smallest shift (the unshifted grid first). The grid then spans both the shifted cores and
-    every map position, so map positions without a core are reported as missing. With no map
-    position, or none that any shift reaches, the grid is returned unchanged (and None).
-    """
-    wanted = {(int(r), int(c)) for r, c in positions}
-    if not wanted or not result.cores:
-        return result, None
-    found = [(core.row, core.col) for core in result.cores]
-    max_r = _shift_limit(max(r for r, _ in found), params.n_rows, max(r for r, _ in wanted))
-    max_c = _shift_limit(max(c for _, c in found), params.n_cols, max(c for _, c in wanted))
-    scores: dict[tuple[int, int], int] = {}
-    for dr in range(max_r + 1):
-        for dc in range(max_c + 1):
-            scores[(dr, dc)] = sum((r + dr, c + dc) in wanted for r, c in found)
-    best = max(scores.values())
-    if best == 0:
-        return result, None
-    ties = sorted((k for k, v in scores.items() if v == best), key=lambda k: (sum(k), k))
-    dr, dc = ties[0]
-    anchoring = Anchoring(dr, dc, best, len(found), len(ties))
-    if (dr, dc) == (0, 0) and all(r < result.n_rows and c < result.n_cols for r, c in wanted):
-        return result, anchoring
-    n_rows = params.n_rows or max(result.n_rows + dr, 1 + max(r for r, _ in wanted))
-    n_cols = params.n_cols or max(result.n_cols + dc, 1 + max(c for _, c in wanted))
-    for core in result.cores:
-        core.row, core.col = core.row + dr, core.col + dc
-        core.label = grid_label(core.row, core.col, params)
-    occupied = {(core.row, core.col) for core in result.cores}
-    result.missing = [
-        grid_label(i, j, params)
-        for i in range(n_rows)
-        for j in range(n_cols)
-        if (i, j) not in occupied
-    ]
-    result.n_rows, result.n_cols = n_rows, n_cols
-    return result, anchoring

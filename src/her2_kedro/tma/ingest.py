@@ -103,6 +103,16 @@ def _check_file(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -
     return check_image(data, name, checks, tiles)
 
 
+def _without_table(
+    table: str, error: str | None, unlabelled: list[tuple[str, str]], what: str = "file"
+) -> list[QCProblem]:
+    """Problems when a label table is missing or unreadable: its error, then one per input
+    (source, core id) left without a label."""
+    reason = f"{what} without label: {table} is " + ("unreadable" if error else "missing")
+    told = [QCProblem(table, "", error)] if error else []
+    return told + [QCProblem(source, core_id, reason) for source, core_id in unlabelled]
+
+
 def _with_image_verdict(
     problems: list[QCProblem], names: set[str], verdicts: Mapping[str, CheckedImage]
 ) -> list[QCProblem]:
@@ -136,13 +146,8 @@ def ingest_core_folder(
     tiles = tiles or TileConfig()
     problems: list[QCProblem] = []
     if labels is None:
-        if labels_error:
-            problems.append(QCProblem("labels.csv", "", labels_error))
-        reason = "file without label: labels.csv is " + (
-            "unreadable" if labels_error else "missing"
-        )
-        problems.extend(QCProblem(source, name, reason) for name in files)
-        return SourceResult(_frame([]), problems)
+        unlabelled = [(source, name) for name in files]
+        return SourceResult(_frame([]), _without_table("labels.csv", labels_error, unlabelled))
 
     check = check_label_table(labels, "labels.csv", set(files))
     verdicts = {
@@ -289,14 +294,12 @@ def ingest_slides(
             found[name] = {core.label: core for core in result.cores}
 
     if slide_map is None:
-        if slide_map_error:
-            problems.append(QCProblem("slide_map.csv", "", slide_map_error))
-        reason = "core without label: slide_map.csv is " + (
-            "unreadable" if slide_map_error else "missing"
-        )
-        for name, cores in found.items():
-            stem = slide_stem(name)
-            problems.extend(QCProblem(f"slides/{name}", f"{stem}_{lab}", reason) for lab in cores)
+        unlabelled = [
+            (f"slides/{name}", f"{slide_stem(name)}_{label}")
+            for name, cores in found.items()
+            for label in cores
+        ]
+        problems += _without_table("slide_map.csv", slide_map_error, unlabelled, what="core")
         return SourceResult(_frame([]), problems)
 
     example = grid_label(0, 0, dearray)

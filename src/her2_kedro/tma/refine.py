@@ -17,7 +17,14 @@ from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 from her2_kedro.config.ingestion import DearrayConfig
-from her2_kedro.tma.grid import DearrayResult, GridCore, core_box
+from her2_kedro.tma.grid import (
+    DearrayResult,
+    GridCore,
+    core_box,
+    from_grid_frame,
+    missing_labels,
+    to_grid_frame,
+)
 from her2_kedro.tma.grid_labels import grid_label
 
 __all__ = ["refine_on_tissue"]
@@ -84,6 +91,102 @@ class _NodeProbe:
         return self.fraction(int(best[0]) + ys, int(best[1]) + xs), r, c
 
 
+class _GridNodes:
+    """The core on each node (i, j) of the fitted lattice, found on the tissue mask; cached.
+
+    A node holds a core when its best core-sized disk (``_NodeProbe``) has at least
+    ``min_area_fraction`` tissue: the core is centred on that disk. Otherwise a blob the grid fit
+    placed on the node stands; else the node is empty. Indices may lie outside the fitted grid.
+    """
+
+    def __init__(
+        self, result: DearrayResult, tissue: np.ndarray, downsample: float, params: DearrayConfig
+    ) -> None:
+        self.ds = float(downsample)
+        self.px = result.pitch_x_px or result.pitch_px
+        self.py = result.pitch_y_px or result.pitch_px
+        self.theta = math.radians(result.rotation_deg)
+        self.min_fraction = params.min_area_fraction
+        self.au, self.av = self._origin(result)
+        radius = params.max_offgrid * min(self.px, self.py) / self.ds
+        self.probe = _NodeProbe(tissue, result.diameter_px / self.ds, radius)
+        self.blob = {(k.row, k.col): k for k in result.cores}
+        self.cache: dict[tuple[int, int], tuple[float, float] | None] = {}
+
+    def _origin(self, result: DearrayResult) -> tuple[float, float]:
+        """Grid-frame position of node (0, 0): the median over the found cores."""
+        uv = to_grid_frame(np.array([(k.cx, k.cy) for k in result.cores], np.float64), self.theta)
+        rows = np.array([k.row for k in result.cores], dtype=np.float64)
+        cols = np.array([k.col for k in result.cores], dtype=np.float64)
+        return (
+            float(np.median(uv[:, 0] - cols * self.px)),
+            float(np.median(uv[:, 1] - rows * self.py)),
+        )
+
+    def __call__(self, i: int, j: int) -> tuple[float, float] | None:
+        """Level-0 centre of the core on node (i, j) (lattice indices), or None."""
+        if (i, j) not in self.cache:
+            self.cache[(i, j)] = self._find(i, j)
+        return self.cache[(i, j)]
+
+    def _find(self, i: int, j: int) -> tuple[float, float] | None:
+        ds = self.ds
+        x, y = from_grid_frame(self.au + j * self.px, self.av + i * self.py, self.theta)
+        found = self.probe((y / ds - 0.5, x / ds - 0.5))
+        if found is not None and found[0] >= self.min_fraction:
+            return (found[2] + 0.5) * ds, (found[1] + 0.5) * ds
+        if (i, j) in self.blob:
+            return self.blob[(i, j)].cx, self.blob[(i, j)].cy
+        return None
+
+
+def _grown_extent(
+    nodes: _GridNodes, n_rows: int, n_cols: int, params: DearrayConfig
+) -> tuple[int, int, int, int]:
+    """Row and column range (r0, r1, c0, c1) of the grid, grown by edge lines holding cores.
+
+    Only along an axis whose size is inferred (``n_rows``/``n_cols`` not given); capped at
+    10 000 nodes.
+    """
+    r0, r1, c0, c1 = 0, n_rows, 0, n_cols
+    grew = True
+    while grew and (r1 - r0) * (c1 - c0) < 10_000:
+        grew = False
+        if params.n_rows is None:
+            if any(nodes(r0 - 1, j) for j in range(c0, c1)):
+                r0, grew = r0 - 1, True
+            if any(nodes(r1, j) for j in range(c0, c1)):
+                r1, grew = r1 + 1, True
+        if params.n_cols is None:
+            if any(nodes(i, c0 - 1) for i in range(r0, r1)):
+                c0, grew = c0 - 1, True
+            if any(nodes(i, c1) for i in range(r0, r1)):
+                c1, grew = c1 + 1, True
+    return r0, r1, c0, c1
+
+
+def _pieces_dropped(
+    rejected: list[tuple[str, float, float]],
+    cores: list[GridCore],
+    diameter: float,
+    params: DearrayConfig,
+) -> list[tuple[str, float, float]]:
+    """Rejected blobs that are not pieces of a found core (near its centre or in its box)."""
+    if not cores:
+        return list(rejected)
+    centres = cKDTree(np.array([(k.cx, k.cy) for k in cores]))
+    boxes = [core_box(k, params) for k in cores]
+    kept = []
+    for reason, x, y in rejected:
+        dist, _ = centres.query((x, y))
+        near = reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * diameter
+        boxed = any(bx <= x < bx + side and by <= y < by + side for bx, by, side in boxes)
+        if near or boxed:
+            continue  # a piece of a found core: it lies in that core's extracted image
+        kept.append((reason, x, y))
+    return kept
+
+
 def refine_on_tissue(
     result: DearrayResult, tissue: np.ndarray | None, downsample: float, params: DearrayConfig
 ) -> DearrayResult:
@@ -97,77 +200,24 @@ def refine_on_tissue(
     """
     if tissue is None or not result.cores or downsample <= 0:
         return result
-    ds = float(downsample)
-    d_t = result.diameter_px / ds
     px = result.pitch_x_px or result.pitch_px
     py = result.pitch_y_px or result.pitch_px
-    if d_t < 4 or px <= 0 or py <= 0:
+    if result.diameter_px / float(downsample) < 4 or px <= 0 or py <= 0:
         return result
-    th = math.radians(result.rotation_deg)
-    c, s = math.cos(th), math.sin(th)
-    pts = np.array([(k.cx, k.cy) for k in result.cores], dtype=np.float64)
-    rows = np.array([k.row for k in result.cores], dtype=np.float64)
-    cols = np.array([k.col for k in result.cores], dtype=np.float64)
-    au = float(np.median(pts[:, 0] * c + pts[:, 1] * s - cols * px))
-    av = float(np.median(-pts[:, 0] * s + pts[:, 1] * c - rows * py))
-    probe = _NodeProbe(tissue, d_t, params.max_offgrid * min(px, py) / ds)
-    blob = {(k.row, k.col): k for k in result.cores}
-    cache: dict[tuple[int, int], tuple[float, float] | None] = {}
-
-    def node(i: int, j: int) -> tuple[float, float] | None:
-        """Level-0 centre of the core on node (i, j) (lattice indices), or None."""
-        if (i, j) not in cache:
-            u, v = au + j * px, av + i * py
-            x, y = u * c - v * s, u * s + v * c
-            found = probe((y / ds - 0.5, x / ds - 0.5))
-            if found is not None and found[0] >= params.min_area_fraction:
-                cache[(i, j)] = ((found[2] + 0.5) * ds, (found[1] + 0.5) * ds)
-            elif (i, j) in blob:
-                cache[(i, j)] = (blob[(i, j)].cx, blob[(i, j)].cy)
-            else:
-                cache[(i, j)] = None
-        return cache[(i, j)]
-
-    r0, r1, c0, c1 = 0, result.n_rows, 0, result.n_cols
-    grew = True
-    while grew and (r1 - r0) * (c1 - c0) < 10_000:
-        grew = False
-        if params.n_rows is None:
-            if any(node(r0 - 1, j) for j in range(c0, c1)):
-                r0, grew = r0 - 1, True
-            if any(node(r1, j) for j in range(c0, c1)):
-                r1, grew = r1 + 1, True
-        if params.n_cols is None:
-            if any(node(i, c0 - 1) for i in range(r0, r1)):
-                c0, grew = c0 - 1, True
-            if any(node(i, c1) for i in range(r0, r1)):
-                c1, grew = c1 + 1, True
-    n_rows, n_cols = r1 - r0, c1 - c0
+    nodes = _GridNodes(result, tissue, downsample, params)
+    r0, r1, c0, c1 = _grown_extent(nodes, result.n_rows, result.n_cols, params)
     cores: list[GridCore] = []
-    missing: list[str] = []
     for i in range(r0, r1):
         for j in range(c0, c1):
-            xy = node(i, j)
-            lab = grid_label(i - r0, j - c0, params)
-            if xy is None:
-                missing.append(lab)
-            else:
+            xy = nodes(i, j)
+            if xy is not None:
+                label = grid_label(i - r0, j - c0, params)
                 cores.append(
-                    GridCore(lab, i - r0, j - c0, float(xy[0]), float(xy[1]), result.diameter_px)
+                    GridCore(label, i - r0, j - c0, float(xy[0]), float(xy[1]), result.diameter_px)
                 )
-    if cores:
-        centres = cKDTree(np.array([(k.cx, k.cy) for k in cores]))
-        boxes = [core_box(k, params) for k in cores]
-        rejected = []
-        for reason, x, y in result.rejected:
-            dist, _ = centres.query((x, y))
-            near = reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * result.diameter_px
-            boxed = any(bx <= x < bx + side and by <= y < by + side for bx, by, side in boxes)
-            if near or boxed:
-                continue  # a piece of a found core: it lies in that core's extracted image
-            rejected.append((reason, x, y))
-    else:
-        rejected = list(result.rejected)
-    result.cores, result.missing, result.rejected = cores, missing, rejected
-    result.n_rows, result.n_cols = n_rows, n_cols
+    occupied = {(k.row, k.col) for k in cores}
+    result.missing = missing_labels(r1 - r0, c1 - c0, occupied, params)
+    result.rejected = _pieces_dropped(result.rejected, cores, result.diameter_px, params)
+    result.cores = cores
+    result.n_rows, result.n_cols = r1 - r0, c1 - c0
     return result

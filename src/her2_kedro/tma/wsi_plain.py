@@ -18,12 +18,13 @@ import numpy as np
 from PIL import Image
 
 from her2_kedro.imaging.pixels import decode_png16, is_png16_colour, to_rgb_uint8
-from her2_kedro.tma.wsi import (
+from her2_kedro.tma.qc.images import pil_to_rgb
+from her2_kedro.tma.wsi_base import (
     CONVERT_HINT,
     BaseSlideReader,
     SlideReadError,
     SlideTooLarge,
-    _resize,
+    resize_rgb,
 )
 
 __all__ = ["PILSlideReader", "pil_pixel_limit"]
@@ -100,7 +101,7 @@ class PILSlideReader(BaseSlideReader):
                         f"bound of ingestion.dearray.max_slide_pixels; {CONVERT_HINT}",
                     )
                 with self._open() as im:
-                    arr = _pil_rgb(im)
+                    arr = pil_to_rgb(im)[0]
             if arr.shape[:2] != (self._dimensions[1], self._dimensions[0]):
                 raise ValueError(f"decoded shape {arr.shape} differs from header size")
             self._full = arr
@@ -113,13 +114,16 @@ class PILSlideReader(BaseSlideReader):
         if self._full is None and self._format == "JPEG":
             with self._open() as im:
                 im.draft("RGB", (tw, th))  # DCT-domain downscale: decode at 1/2..1/8
-                small = _pil_rgb(im)
-            return _resize(small, (tw, th))
+                small = pil_to_rgb(im)[0]
+            return resize_rgb(small, (tw, th))
         self._decoded()
         return super()._level_thumbnail(level, tw, th)  # strip by strip, no full-size copy
 
     def probe(self) -> None:
         """Check the file decodes without keeping (or, for JPEG, fully decoding) it."""
+        self._guarded("probe decode", self._decode_check)
+
+    def _decode_check(self) -> None:
         with self._open() as im:
             if self._format == "JPEG":
                 im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
@@ -179,12 +183,3 @@ def _header_size(path: Path) -> tuple[tuple[int, int], str]:
         else:
             raise ValueError("not a JPEG or PNG file")
         return im.size, str(im.format)
-
-
-def _pil_rgb(im: Image.Image) -> np.ndarray:
-    """uint8 RGB of a PIL image by the shared conversion rules (alpha onto white, 16-bit / 257)."""
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        return to_rgb_uint8(np.asarray(im.convert("RGBA")))
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        return to_rgb_uint8(np.asarray(im))
-    return to_rgb_uint8(np.asarray(im.convert("RGB")))

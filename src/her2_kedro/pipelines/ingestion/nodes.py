@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from her2_kedro.config import CohortsConfig, DearrayConfig, ImageChecks, SplitConfig, TileConfig
-from her2_kedro.io.datasets import LabelTable
+from her2_kedro.io.raw_inputs import LabelTable
 from her2_kedro.tma import ingest
 from her2_kedro.tma.qc.report import QCProblem, accepted_reason, qc_table
 from her2_kedro.tma.splits import assign_manifest_splits

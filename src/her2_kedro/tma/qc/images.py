@@ -34,7 +34,8 @@ __all__ = ["ALLOWED_FORMATS", "CheckedImage", "check_image", "content_hash", "ha
 #: Image formats accepted as core files.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF")
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: The first four bytes of a TIFF or BigTIFF file (either byte order).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # PIL reports some JPEGs (multi-picture, e.g. from cameras) as MPO; they are JPEG streams.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
@@ -98,8 +99,13 @@ def _grey_to_rgb(grey8: np.ndarray) -> np.ndarray:
     return np.repeat(grey8[:, :, None], 3, axis=2)
 
 
-def _pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
-    """Convert a loaded PIL image of any supported mode to uint8 RGB; returns (rgb, note)."""
+def pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
+    """Convert a loaded PIL image of any supported mode to uint8 RGB; returns (rgb, note).
+
+    The one set of conversion rules for cores and plain slides alike (alpha onto white, 16-bit
+    and float grey by ``imaging.pixels.to_uint8``); an unsupported mode raises, the reason as
+    the message.
+    """
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im), ""
@@ -239,7 +245,7 @@ def _open(data: bytes, checks: ImageChecks, tiles: TileConfig) -> Image.Image | 
             f"pixel count exceeds the decompression-bomb limit (not decoded): {_short(exc)}"
         ) from exc
     except UnidentifiedImageError as exc:
-        if data[:4] in _TIFF_MAGIC:
+        if data[:4] in TIFF_MAGIC:
             return _tiff_decoded(data, checks, tiles)
         raise _Rejected("not an image: content is not a recognised image format") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
@@ -310,7 +316,7 @@ def _decode(
         _jpeg_strict_check(data)
     png16 = fmt == "PNG" and is_png16_colour(data[:32])
     try:
-        rgb, note = _decode_png16(data) if png16 else _pil_to_rgb(im)
+        rgb, note = _decode_png16(data) if png16 else pil_to_rgb(im)
     except _Rejected:
         raise
     except Exception as exc:  # noqa: BLE001

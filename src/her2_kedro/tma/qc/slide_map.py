@@ -113,49 +113,66 @@ def validate_slide_map(
     missing = _missing_columns(table, ("slide", "core", "ihc-score"), source)
     if missing:
         return empty, missing
-
-    found: dict[str, set[str]] = {}
-    for slide, labels in found_core_labels.items():
-        found[slide] = {n for n in (normalise(str(lab)) for lab in labels) if n is not None}
+    found = {
+        slide: {n for n in (normalise(str(lab)) for lab in labels) if n is not None}
+        for slide, labels in found_core_labels.items()
+    }
     lookup = _slide_lookup(found)
-
-    problems: list[QCProblem] = []
     rows: list[_Row] = []
+    problems: list[QCProblem] = []
     for position, record in enumerate(table.to_dict("records"), start=1):
-        raw_slide, raw_core = _cell(record.get("slide")), _cell(record.get("core"))
-        slide_name, why = safe_relative_path(raw_slide, "slides")
-        core = normalise(raw_core)
-        if slide_name is None:
-            reason = (
-                "slide is empty" if raw_slide == "" else str(why).replace("filename", "slide name")
-            )
-            problems.append(
-                QCProblem(source, f"{raw_slide}_{raw_core}", f"{reason} (data row {position})")
-            )
-            continue
-        if core is None:
-            problems.append(
-                QCProblem(
-                    source,
-                    f"{slide_stem(slide_name)}_{raw_core}",
-                    f"invalid core label {raw_core!r} (expected {expected}; data row {position})",
-                )
-            )
-            continue
-        matches = lookup.get(slide_name, set())
-        slide_key = next(iter(matches)) if len(matches) == 1 else slide_name
-        if len(matches) > 1:
-            slide_key = f"?{slide_name}"  # ambiguous; reported by locate()
-        core_id = f"{slide_stem(slide_key.lstrip('?'))}_{core}"
-        rows.append(
-            _make_row(
-                core_id,
-                position,
-                _label_cells(record),
-                default_patient=core_id,
-                extra=(slide_key, core),
-            )
+        parsed = _map_row(record, position, source, lookup, normalise, expected)
+        if isinstance(parsed, QCProblem):
+            problems.append(parsed)
+        else:
+            rows.append(parsed)
+    kept, unplaced, _ = _resolve(rows, source, _locator(lookup, found))
+    problems += unplaced + _unlabelled_cores(found, rows, source)
+    records = [
+        {"core_id": row.key, "slide": row.extra[0], "core": row.extra[1], **rec}
+        for (row, _), rec in zip(kept, _label_records(kept), strict=True)
+    ]
+    return _frame(records, SLIDE_MAP_OUTPUT_COLUMNS), problems
+
+
+def _map_row(
+    record: Mapping[str, object],
+    position: int,
+    source: str,
+    lookup: Mapping[str, set[str]],
+    normalise: Callable[[str], str | None],
+    expected: str,
+) -> _Row | QCProblem:
+    """One slide-map row as a row to resolve, keyed by core id, or the problem with its slide/core.
+
+    The row's key slide is the one slide file its name matches; ``?name`` marks a name that
+    matches several (reported by ``_locator``).
+    """
+    raw_slide, raw_core = _cell(record.get("slide")), _cell(record.get("core"))
+    slide_name, why = safe_relative_path(raw_slide, "slides")
+    if slide_name is None:
+        reason = "slide is empty" if raw_slide == "" else str(why).replace("filename", "slide name")
+        return QCProblem(source, f"{raw_slide}_{raw_core}", f"{reason} (data row {position})")
+    core = normalise(raw_core)
+    if core is None:
+        return QCProblem(
+            source,
+            f"{slide_stem(slide_name)}_{raw_core}",
+            f"invalid core label {raw_core!r} (expected {expected}; data row {position})",
         )
+    matches = lookup.get(slide_name, set())
+    slide_key = next(iter(matches)) if len(matches) == 1 else slide_name
+    if len(matches) > 1:
+        slide_key = f"?{slide_name}"
+    core_id = f"{slide_stem(slide_key.lstrip('?'))}_{core}"
+    cells = _label_cells(record)
+    return _make_row(core_id, position, cells, default_patient=core_id, extra=(slide_key, core))
+
+
+def _locator(
+    lookup: Mapping[str, set[str]], found: Mapping[str, set[str]]
+) -> Callable[[_Row], str | None]:
+    """Why a map row's core is not among the cores found (None when it is)."""
 
     def locate(row: _Row) -> str | None:
         slide_key, core = row.extra
@@ -168,24 +185,24 @@ def validate_slide_map(
             return f"label without core: core {core} not found on slide {slide_key!r}"
         return None
 
-    kept, found_problems, _ = _resolve(rows, source, locate)
-    problems += found_problems
+    return locate
+
+
+def _unlabelled_cores(
+    found: Mapping[str, set[str]], rows: list[_Row], source: str
+) -> list[QCProblem]:
+    """One problem per found core that no row of the map names."""
     labelled = {(row.extra[0], row.extra[1]) for row in rows}
-    for slide in sorted(found):
-        for core in sorted(found[slide], key=_core_sort_key):
-            if (slide, core) not in labelled:
-                problems.append(
-                    QCProblem(
-                        f"slides/{slide}",
-                        f"{slide_stem(slide)}_{core}",
-                        f"core without label: not listed in {source}",
-                    )
-                )
-    records = [
-        {"core_id": row.key, "slide": row.extra[0], "core": row.extra[1], **rec}
-        for (row, _), rec in zip(kept, _label_records(kept), strict=True)
+    return [
+        QCProblem(
+            f"slides/{slide}",
+            f"{slide_stem(slide)}_{core}",
+            f"core without label: not listed in {source}",
+        )
+        for slide in sorted(found)
+        for core in sorted(found[slide], key=_core_sort_key)
+        if (slide, core) not in labelled
     ]
-    return _frame(records, SLIDE_MAP_OUTPUT_COLUMNS), problems
 
 
 def _core_sort_key(label: str) -> tuple[int, str, int, str]:
