@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from her2_kedro.config import SyntheticParams
-from her2_kedro.io.datasets import SyntheticCohort
+from her2_kedro.io.synthetic_cohort import SyntheticCohort
 from her2_kedro.synthetic import GENERATOR_VERSION
 from her2_kedro.synthetic.cohort import core_spec_from_row, render_cohort, sample_cohort
 from her2_kedro.synthetic.render import render_core
