@@ -11,10 +11,26 @@ from matplotlib.figure import Figure
 from her2_kedro.config import CohortsConfig, IntensityModelConfig, TaskConfig
 from her2_kedro.evaluation import study
 from her2_kedro.evaluation.metrics import append_metrics, mlflow_metric_names
+from her2_kedro.hooks import manifest_version
 from her2_kedro.modelling.intensity_lr import IntensityModel
 from her2_kedro.reporting.plots import confusion_figure, crosstab_figure
+from her2_kedro.schema import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
+
+
+def _run_id() -> str:
+    """The MLflow run this node runs in (kedro-mlflow opens one per ``kedro run``), else ''."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else ""
+
+
+def _table_version(table: pd.DataFrame) -> str:
+    if "manifest_version" not in table.columns or table.empty:
+        return ""
+    return str(table["manifest_version"].iloc[0])
 
 
 def _task(task: dict[str, Any]) -> study.Task:
@@ -34,6 +50,7 @@ def build_task_table(
     table, problems = study.task_frame(
         core_manifest, features, _task(task), m.features, evaluation_only
     )
+    table["manifest_version"] = manifest_version(core_manifest)
     return table, pd.DataFrame(
         [(p.source, p.core_id, p.reason) for p in problems], columns=["source", "core_id", "reason"]
     )
@@ -63,7 +80,10 @@ def evaluate_model(
     m = IntensityModelConfig.model_validate(model)
     t = _task(task)
     fitted = IntensityModel.from_json(model_json)
-    predictions, metrics, confusions = study.evaluate(fitted, table, m.features, t, m.name)
+    provenance = {"run_id": _run_id(), "manifest_version": _table_version(table)}
+    predictions, metrics, confusions = study.evaluate(
+        fitted, table, m.features, t, m.name, provenance=provenance
+    )
     tables = {f"confusion_{split}": frame for split, frame in confusions.items()}
     tables["model_selection"] = selection.set_index("C")
     figures = {
@@ -81,7 +101,7 @@ def evaluate_model(
                 )
     mlflow_metrics = {}
     for row in metrics.to_dict("records"):
-        values = {k: v for k, v in row.items() if k not in ("model", "task", "split")}
+        values = {k: row[k] for k in METRIC_NAMES}
         for name, value in mlflow_metric_names(m.name, t.name, row["split"], values).items():
             mlflow_metrics[name] = {"value": value, "step": 0}
     for row in metrics.itertuples(index=False):
