@@ -54,7 +54,7 @@ class CoreContentError(ValueError):
 def decode_rgb(data: bytes) -> np.ndarray:
     """RGB uint8 pixels of an accepted core (ingestion already verified and converted it)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def check_images(manifest: pd.DataFrame, cores: Mapping[str, Loader]) -> None:

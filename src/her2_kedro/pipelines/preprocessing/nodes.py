@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from her2_kedro.config import CohortsConfig, PreprocessingParams, TileConfig
 from her2_kedro.features import preprocess
 from her2_kedro.features.intensity import INTENSITY_PLUS_FEATURES, PAPER_FEATURES
 from her2_kedro.hooks import manifest_version
-from her2_kedro.reporting.plots import preview_figure
 from her2_kedro.schema import TILE_COLUMNS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def normalisation_preview(
     """Before/after tiles of normalised cores; no figure when nothing was normalised."""
     if not preview_pairs:
         return {}
+    from her2_kedro.reporting.plots import preview_figure  # matplotlib only when there is a figure
+
     before, after = zip(*preview_pairs, strict=True)
     which = ", ".join(CohortsConfig.model_validate(cohorts).stain_normalised)
     return {
