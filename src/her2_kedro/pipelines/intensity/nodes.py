@@ -17,8 +17,6 @@ from her2_kedro.hooks import manifest_version
 from her2_kedro.schema import METRIC_NAMES
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from her2_kedro.evaluation.study import Task
 
 logger = logging.getLogger(__name__)
@@ -86,7 +84,7 @@ def evaluate_model(
     selection: pd.DataFrame,
     task: dict[str, Any],
     model: dict[str, Any],
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict[str, Figure], dict]:
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict[str, Any], dict]:
     """Predictions, metric rows per split, report tables and figures, and the MLflow metrics."""
     from her2_kedro.evaluation import study
     from her2_kedro.evaluation.metrics import mlflow_metric_names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,9 +14,6 @@ from her2_kedro.features import preprocess
 from her2_kedro.features.intensity import INTENSITY_PLUS_FEATURES, PAPER_FEATURES
 from her2_kedro.hooks import manifest_version
 from her2_kedro.schema import TILE_COLUMNS
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +79,8 @@ def preprocess_cores(
     return tile_index, paper, plus, problems, result.reference, result.previews
 
 
-def normalisation_preview(
-    preview_pairs: PreviewPairs, cohorts: dict[str, Any]
-) -> dict[str, Figure]:
-    """Before/after tiles of normalised cores; no figure when nothing was normalised."""
+def normalisation_preview(preview_pairs: PreviewPairs, cohorts: dict[str, Any]) -> dict[str, Any]:
+    """Before/after tiles of normalised cores (matplotlib figures); none when nothing was normalised."""
     if not preview_pairs:
         return {}
     from her2_kedro.reporting.plots import preview_figure  # matplotlib only when there is a figure
