@@ -69,14 +69,13 @@ def _rotated_copies(cores: Path, labels: Path, copies: int) -> None:
     table = pd.read_csv(labels)
     extra = []
     turns = [Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270]
-    for row in table.itertuples(index=False):
-        with Image.open(cores / row.filename) as image:
+    for row in table.to_dict("records"):
+        with Image.open(cores / row["filename"]) as image:
             for k in range(copies):
-                name = f"rot{90 * (k + 1)}_{row.filename}"
+                name = f"rot{90 * (k + 1)}_{row['filename']}"
                 image.transpose(turns[k]).save(cores / name, quality=95, subsampling=0)
-                extra.append({**row._asdict(), "filename": name})
-    extra_table = pd.DataFrame(extra).rename(columns=lambda c: c.replace("_", "-"))
-    pd.concat([table, extra_table], ignore_index=True).to_csv(labels, index=False)
+                extra.append({**row, "filename": name})
+    pd.concat([table, pd.DataFrame(extra)], ignore_index=True).to_csv(labels, index=False)
 
 
 def make_project(where: Path, workers: int | None, copies: int = 0) -> Path:
@@ -242,6 +241,8 @@ def compare(root: Path, rounds: int) -> None:
     manifest_dir = root / "data" / "02_intermediate" / "core_manifest.parquet"
     manifest = pd.read_parquet(sorted(manifest_dir.iterdir())[-1] / "core_manifest.parquet")
     mine = features.merge(manifest[["core_id", "filename"]], on="core_id").sort_values("filename")
+    if len(mine) != n:
+        raise RuntimeError(f"ingestion accepted {len(mine)} of {n} cores: see the QC report")
     diff = np.abs(mine["max_mean_dab"].to_numpy() - np.asarray(paper_values)).max()
     print(f"largest max-mean-DAB difference project vs paper-style: {diff:.2e}")
 

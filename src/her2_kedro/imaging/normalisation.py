@@ -59,6 +59,30 @@ def normalisation_matrix(
     )
 
 
+def _stain_scale(
+    px: np.ndarray,
+    w_src: np.ndarray,
+    target: StainVectors,
+    match_haematoxylin: bool,
+    match_dab: bool,
+    max_pixels: int,
+    seed: int,
+) -> np.ndarray:
+    """Per-stain factors that bring the image's concentration percentile to the target's."""
+    scale = np.ones(3)
+    if target.max_concentrations is None or not (match_haematoxylin or match_dab):
+        return scale
+    if len(px) > max_pixels:
+        px = px[np.random.default_rng(seed).integers(0, len(px), size=max_pixels)]
+    src_h, src_d = _percentiles(_sda(px), w_src, target.percentile)
+    tgt_h, tgt_d = target.max_concentrations
+    if match_haematoxylin and src_h > 1e-6:
+        scale[0] = tgt_h / src_h
+    if match_dab and src_d > 1e-6:
+        scale[2] = tgt_d / src_d
+    return scale
+
+
 def normalise(
     rgb: np.ndarray,
     source: StainVectors | None,
@@ -98,18 +122,9 @@ def normalise(
     w_src = source.matrix()
     w_tgt = target.matrix()
 
-    scale = np.ones(3)
-    if target.max_concentrations is not None and (match_haematoxylin or match_dab):
-        px = rgb[mask]
-        if len(px) > max_percentile_pixels:
-            rng = np.random.default_rng(seed)
-            px = px[rng.integers(0, len(px), size=max_percentile_pixels)]
-        src_h, src_d = _percentiles(_sda(px), w_src, target.percentile)
-        tgt_h, tgt_d = target.max_concentrations
-        if match_haematoxylin and src_h > 1e-6:
-            scale[0] = tgt_h / src_h
-        if match_dab and src_d > 1e-6:
-            scale[2] = tgt_d / src_d
+    scale = _stain_scale(
+        rgb[mask], w_src, target, match_haematoxylin, match_dab, max_percentile_pixels, seed
+    )
 
     if method == "fast":
         m = normalisation_matrix(source, target, scale)
