@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_kedro.synthetic.render import CoreSpec, render_core
 from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
-from her2_kedro.tma.dearray import DearrayParams, dearray_slide
+from her2_kedro.tma.dearray import DearrayConfig, dearray_slide
 from her2_kedro.tma.wsi import open_slide
 
 
@@ -55,7 +55,7 @@ def one_slide(index: int, folder: Path) -> dict:
     layout = write_synthetic_slide(path, spec, core, np.random.default_rng([index, 1]))
     truth = layout[layout["present"]]
     with open_slide(path) as reader:
-        result = dearray_slide(reader, DearrayParams())
+        result = dearray_slide(reader, DearrayConfig())
     correct = 0
     for c in result.cores:
         d = np.hypot(truth["cx"] - c.cx, truth["cy"] - c.cy)

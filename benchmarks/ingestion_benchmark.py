@@ -48,10 +48,11 @@ def step_decode_vs_ingest(folder: str, repeats: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from her2_kedro.tma.qc.images import ImageCheckParams, check_image
+    from her2_kedro.config import ImageChecks
+    from her2_kedro.tma.qc.images import check_image
 
     Image.MAX_IMAGE_PIXELS = None
-    checks = ImageCheckParams()
+    checks = ImageChecks()
     rows = []
     for path in sorted(Path(folder).glob("*.jpg")):
         data = path.read_bytes()
@@ -71,13 +72,13 @@ def step_decode_vs_ingest(folder: str, repeats: str) -> dict:
 def step_ingest_folder(folder: str) -> dict:
     import pandas as pd
 
+    from her2_kedro.config import ImageChecks
     from her2_kedro.tma.ingest import ingest_core_folder
-    from her2_kedro.tma.qc.images import ImageCheckParams
 
     files = {p.name: p for p in sorted(Path(folder).glob("*.jpg"))}
     labels = pd.read_csv(Path(folder) / "labels.csv", dtype=str)
     t0 = time.perf_counter()
-    result = ingest_core_folder(files, labels, None, ImageCheckParams())
+    result = ingest_core_folder(files, labels, None, ImageChecks())
     for write in result.payloads.values():  # what the catalog does when it saves the cores
         write()
     elapsed = time.perf_counter() - t0
@@ -93,8 +94,8 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
     import numpy as np
 
     from her2_kedro.synthetic.cohort import BALANCED_PRIORS, sample_cohort
+    from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, write_synthetic_slide
-    from her2_kedro.synthetic.tissue import CoreSpec, render_core
 
     n_rows, n_cols = int(rows), int(cols)
     labels = [f"{chr(65 + r)}-{c + 1}" for r in range(n_rows) for c in range(n_cols)]
@@ -134,11 +135,11 @@ def step_write_slide(path: str, rows: str, cols: str, pitch: str, diameter: str)
 def step_dearray(path: str) -> dict:
     import numpy as np
 
-    from her2_kedro.tma.dearray import DearrayParams, dearray_slide, extract_core
+    from her2_kedro.tma.dearray import DearrayConfig, dearray_slide, extract_core
     from her2_kedro.tma.wsi import open_slide
 
     truth = json.loads(Path(path).with_suffix(".truth.json").read_text())
-    params = DearrayParams()
+    params = DearrayConfig()
     t0 = time.perf_counter()
     with open_slide(Path(path)) as reader:
         size = reader.dimensions

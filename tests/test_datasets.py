@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pandas as pd
@@ -136,3 +137,74 @@ def test_figures_are_written_and_logged_to_the_active_mlflow_run(tmp_path):
         dataset.save({"crosstab": figure})
     logged = mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "figures/x")
     assert [a.path for a in logged] == ["figures/x/crosstab.png"]
+
+
+@pytest.mark.parametrize("sep", [";", "\t", ","])
+def test_label_tables_with_semicolons_or_tabs_read_like_commas(tmp_path, sep):
+    """Spreadsheets in decimal-comma locales export CSV with semicolons (issue 6)."""
+    rows = [
+        ["filename", "ihc-score", "her2-status", "patient_id"],
+        ["a.jpg", "2", "1", "P, 1"],
+        ["b.jpg", "0", "", "P2"],
+    ]
+    text = "\n".join(sep.join(f'"{c}"' if "," in c else c for c in row) for row in rows)
+    path = tmp_path / "labels.csv"
+    path.write_text(text + "\n", encoding="utf-8-sig")  # with the BOM Excel writes
+    table = LabelTableDataset(filepath=str(path)).load()
+    assert table.error is None
+    assert list(table.frame.columns) == rows[0]
+    assert table.frame["filename"].tolist() == ["a.jpg", "b.jpg"]
+    assert table.frame["patient_id"].tolist() == ["P, 1", "P2"]
+    assert pd.isna(table.frame.loc[1, "her2-status"])
+
+
+def test_semicolon_slide_map_reads(tmp_path):
+    path = tmp_path / "slide_map.csv"
+    path.write_text("slide;core;ihc-score;her2-status\ns1.tif;A-1;3;1\ns1.tif;B-2;0;0\n")
+    frame = LabelTableDataset(filepath=str(path)).load().frame
+    assert frame[["slide", "core", "ihc-score"]].values.tolist() == [
+        ["s1.tif", "A-1", "3"],
+        ["s1.tif", "B-2", "0"],
+    ]
+
+
+def test_synthetic_marker_records_content_hashes(tmp_path):
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort())
+    marker = dataset.load()
+    assert set(marker["sha256"]) == set(marker["files"])
+    assert all(len(digest) == 64 for digest in marker["sha256"].values())
+
+
+def test_tampered_marker_never_deletes_outside_the_raw_targets(tmp_path, caplog):
+    root = tmp_path / "01_raw"
+    dataset = SyntheticCohortDataset(root=str(root))
+    dataset.save(_cohort("f1"))
+    outside = tmp_path / "thesis.docx"
+    outside.write_bytes(b"years of work")
+    listed = root / "notes.txt"  # inside the root, but not one of the raw targets
+    listed.write_bytes(b"mine")
+    marker = json.loads((root / MARKER).read_text())
+    for rel, path in (("../thesis.docx", outside), ("notes.txt", listed)):
+        marker["files"].append(rel)
+        marker["sha256"][rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / MARKER).write_text(json.dumps(marker))
+    dataset.save(_cohort("f2", names=("core_2.jpg",)))
+    assert outside.read_bytes() == b"years of work" and listed.read_bytes() == b"mine"
+    assert "'../thesis.docx', outside" in caplog.text and "'notes.txt', outside" in caplog.text
+    # the cohort's own files were still replaced
+    assert sorted(p.name for p in (root / "cores").iterdir()) == ["core_2.jpg"]
+
+
+def test_a_file_changed_since_it_was_written_is_kept(tmp_path, caplog):
+    dataset = SyntheticCohortDataset(root=str(tmp_path))
+    dataset.save(_cohort("f1", names=("core_1.jpg", "core_2.jpg")))
+    edited = tmp_path / "cores" / "core_1.jpg"
+    edited.write_bytes(b"the user's own core, saved over the demo one")
+    dataset.save(_cohort("f2", names=("core_3.jpg",)))
+    assert edited.read_bytes() == b"the user's own core, saved over the demo one"
+    assert (tmp_path / "cores" / "core_2.jpg").exists()  # nothing replaced: the write was refused
+    assert not (tmp_path / "cores" / "core_3.jpg").exists()
+    assert "changed since the synthetic pipeline wrote it" in caplog.text
+    assert "NOT written" in caplog.text
+    assert json.loads((tmp_path / MARKER).read_text())["fingerprint"] == "f1"

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import slide_factory as sf  # noqa: E402
 
 from her2_kedro.tma.dearray import (  # noqa: E402
-    DearrayParams,
+    DearrayConfig,
     DearrayResult,
     GridCore,
     core_box,
@@ -27,11 +27,11 @@ from her2_kedro.tma.dearray import (  # noqa: E402
 )
 from her2_kedro.tma.wsi import BaseSlideReader, open_slide  # noqa: E402
 
-PARAMS = DearrayParams(thumbnail_max_side=500)
+PARAMS = DearrayConfig(thumbnail_max_side=500)
 
 
 def _dearray(
-    tmp_path: Path, scene: sf.Scene, params: DearrayParams = PARAMS, name: str = "s.tif"
+    tmp_path: Path, scene: sf.Scene, params: DearrayConfig = PARAMS, name: str = "s.tif"
 ) -> DearrayResult:
     p = tmp_path / name
     if p.suffix in (".png", ".jpg"):
@@ -52,11 +52,11 @@ def _assert_all_correct(res: DearrayResult, scene: sf.Scene, tol: float = 8.0) -
 
 
 def test_grid_label() -> None:
-    p = DearrayParams()
+    p = DearrayConfig()
     assert grid_label(1, 6, p) == "B-7"
     assert grid_label(0, 0, p) == "A-1"
     assert grid_label(26, 0, p) == "AA-1"
-    q = DearrayParams(row_labels="XYZ", column_labels=("a", "b"))
+    q = DearrayConfig(row_labels="XYZ", column_labels=("a", "b"))
     assert grid_label(2, 1, q) == "Z-b"
     with pytest.raises(ValueError):
         grid_label(3, 0, q)
@@ -103,7 +103,7 @@ def test_missing_interior_row_fit_grid() -> None:
             areas.append(10_000.0)
     pts.append((1000 + 2 * pitch + 20, 500 + 4 * pitch - 15))  # small blob on node E-3
     areas.append(4_000.0)
-    res = fit_grid(np.array(pts), 120.0, DearrayParams(), np.array(areas))
+    res = fit_grid(np.array(pts), 120.0, DearrayConfig(), np.array(areas))
     assert (res.n_rows, res.n_cols) == (6, 5)
     assert sorted(res.missing) == sorted(f"{r}-{j}" for r in "CD" for j in range(1, 6))
     e3 = res.by_label()["E-3"]
@@ -146,7 +146,7 @@ def test_given_vs_estimated_diameter(tmp_path: Path) -> None:
     sf.write_pyramidal_tiff(sc, p, n_levels=3)
     with open_slide(p) as r:
         est = dearray_slide(r, PARAMS)
-        given = dearray_slide(r, DearrayParams(thumbnail_max_side=500, core_diameter_px=120.0))
+        given = dearray_slide(r, DearrayConfig(thumbnail_max_side=500, core_diameter_px=120.0))
     assert est.diameter_px == pytest.approx(120, rel=0.12)
     assert given.diameter_px == 120.0
     _assert_all_correct(est, sc)
@@ -156,12 +156,12 @@ def test_given_vs_estimated_diameter(tmp_path: Path) -> None:
 
 def test_expected_grid_size_rejects_outside_and_reports_missing(tmp_path: Path) -> None:
     sc = sf.make_tma(4, 6, seed=10)
-    res = _dearray(tmp_path, sc, DearrayParams(thumbnail_max_side=500, n_rows=3, n_cols=6))
+    res = _dearray(tmp_path, sc, DearrayConfig(thumbnail_max_side=500, n_rows=3, n_cols=6))
     assert (res.n_rows, res.n_cols) == (3, 6)
     assert sum(r[0] == "outside-grid" for r in res.rejected) == 6
     assert {c.label for c in res.cores} == {f"{r}-{j}" for r in "ABC" for j in range(1, 7)}
     res2 = _dearray(
-        tmp_path, sc, DearrayParams(thumbnail_max_side=500, n_rows=4, n_cols=7), name="b.tif"
+        tmp_path, sc, DearrayConfig(thumbnail_max_side=500, n_rows=4, n_cols=7), name="b.tif"
     )
     assert set(res2.missing) == {f"{r}-7" for r in "ABCD"}
 
@@ -170,7 +170,7 @@ def test_extract_core_matches_label_colour(tmp_path: Path, monkeypatch: pytest.M
     sc = sf.make_tma(4, 5, rotation_deg=3.0, jitter=4, seed=11)
     p = tmp_path / "e.tif"
     sf.write_pyramidal_tiff(sc, p, n_levels=3)
-    params = DearrayParams(thumbnail_max_side=500, margin=0.05)
+    params = DearrayConfig(thumbnail_max_side=500, margin=0.05)
     reads: list[tuple[tuple[int, int], int, tuple[int, int]]] = []
     orig = BaseSlideReader.read_region
 
@@ -206,7 +206,7 @@ def test_extract_core_pads_at_slide_edge(tmp_path: Path) -> None:
     sf.write_pyramidal_tiff(sc, p, n_levels=2)
     with open_slide(p) as r:
         core = GridCore("A-1", 0, 0, 10.0, 10.0, 100.0)
-        img = extract_core(r, core, DearrayParams(margin=0.0))
+        img = extract_core(r, core, DearrayConfig(margin=0.0))
     assert img.shape == (100, 100, 3)
     assert np.all(img[:40, :40] == 255)
 
@@ -219,14 +219,14 @@ def test_png_slide_dearrays(tmp_path: Path) -> None:
 
 def test_blank_slide_has_no_cores(tmp_path: Path) -> None:
     sc = sf.Scene(600, 400, [])
-    res = _dearray(tmp_path, sc, DearrayParams(thumbnail_max_side=300, n_rows=2, n_cols=2))
+    res = _dearray(tmp_path, sc, DearrayConfig(thumbnail_max_side=300, n_rows=2, n_cols=2))
     assert res.cores == [] and res.missing == ["A-1", "A-2", "B-1", "B-2"]
 
 
 def test_detect_cores_estimates_diameter_despite_debris() -> None:
     sc = sf.make_tma(3, 4, diameter=100, debris=30, debris_radius=4, seed=14)
     thumb = sf.render_full(sc, ds=2.0)
-    cand = detect_cores(thumb, DearrayParams(), downsample=2.0)
+    cand = detect_cores(thumb, DearrayConfig(), downsample=2.0)
     assert cand.diameter_px == pytest.approx(100, rel=0.1)
     assert len(cand.xy) == 12
     assert len(cand.rejected) == 30
@@ -296,8 +296,8 @@ def test_edge_line_of_broken_cores_keeps_labels(tmp_path: Path, edge: str) -> No
 def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) -> None:
     """The project's slide writer, small cores: a touching pair with lumens merged into one
     off-grid blob and both cores were lost (seeds found by search)."""
+    from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-    from her2_kedro.synthetic.tissue import CoreSpec, render_core
 
     rng = np.random.default_rng(seed)
     d = 120
@@ -328,7 +328,7 @@ def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) ->
     layout = write_synthetic_slide(path, spec, core, np.random.default_rng([seed, 1]))
     truth = layout[layout["present"]].set_index("core")
     with open_slide(path) as r:
-        res = dearray_slide(r, DearrayParams(thumbnail_max_side=600))
+        res = dearray_slide(r, DearrayConfig(thumbnail_max_side=600))
     assert sorted(c.label for c in res.cores) == sorted(truth.index)
     for c in res.cores:
         err = math.hypot(c.cx - truth.loc[c.label, "cx"], c.cy - truth.loc[c.label, "cy"])

@@ -42,7 +42,7 @@ def ingested(tmp_path, catalog_config, tiny_synthetic_params):
     return tmp_path / "data"
 
 
-def test_synthetic_then_ingestion(ingested: Path):
+def test_synthetic_then_ingestion(ingested: Path, tiny_synthetic_params):
     raw = ingested / "01_raw"
     labels = pd.read_csv(raw / "labels.csv")
     slide_map = pd.read_csv(raw / "slide_map.csv")
@@ -66,7 +66,11 @@ def test_synthetic_then_ingestion(ingested: Path):
         assert core["ihc_score"] == row._2 and core["her2_status"] == row._3
     # patient-level split: no patient in two splits
     assert manifest.groupby("patient_id")["split"].nunique().max() == 1
-    assert set(manifest["split"]) <= {"train", "val", "test"}
+    # evaluation-only cohorts are split "external" at ingestion, the others train/val/test
+    evaluation_only = set(tiny_synthetic_params["cohorts"]["evaluation_only"])
+    held_out = manifest["cohort"].isin(evaluation_only)
+    assert (manifest.loc[held_out, "split"] == "external").all()
+    assert set(manifest.loc[~held_out, "split"]) <= {"train", "val", "test"}
 
 
 def test_bad_inputs_cost_nothing_else(tmp_path, catalog_config, tiny_synthetic_params):

@@ -14,7 +14,7 @@ from her2_kedro.config import PreprocessingParams, TileConfig
 from her2_kedro.features import preprocess
 from her2_kedro.imaging.normalisation import StainEstimationError, angle_degrees
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
-from her2_kedro.synthetic.tissue import CoreSpec, render_core
+from her2_kedro.synthetic.render import CoreSpec, render_core
 from her2_kedro.tma.qc.images import content_hash
 
 RULE = TileConfig()

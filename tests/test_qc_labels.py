@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from her2_kedro.schema import FIVE_CLASSES
-from her2_kedro.tma.qc.labels import five_class, validate_labels, validate_slide_map
+from her2_kedro.tma.qc.labels import five_class, validate_labels
 from her2_kedro.tma.qc.report import (
     ACCEPTED,
     QC_COLUMNS,
@@ -15,6 +15,7 @@ from her2_kedro.tma.qc.report import (
     accepted_reason,
     qc_table,
 )
+from her2_kedro.tma.qc.slide_map import validate_slide_map
 
 GOOD = [
     ("a.jpg", "0", "0"),
@@ -291,7 +292,9 @@ def test_slide_map_clean() -> None:
         (("s1.tif", "7A", "0", "0"), "s1_7A", "invalid core label"),
         (("s1.tif", "A1", "0", "0"), "s1_A1", "invalid core label"),
         (("../s1.tif", "A-1", "0", "0"), "../s1.tif_A-1", "escapes the slides folder"),
-        (("s1.tif", "A-1", "3", "0"), "s1_A-1", "conflicting rows"),
+        (("s1.tif", "A-1", "3", "1"), "s1_A-1", "conflicting rows"),
+        # an invalid extra row is rejected on its own; the core keeps its valid row
+        (("s1.tif", "A-1", "3", "0"), "s1_A-1", "(data row 5); the valid row 1 is used"),
     ],
 )
 def test_slide_map_problems(row: tuple[str, ...], core_id: str, words: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from her2_kedro.config import ImageChecks
 from her2_kedro.tma.ingest import ingest_core_folder
-from her2_kedro.tma.qc.images import ImageCheckParams
 from tests.conftest import REAL_CORES
 
 pytestmark = pytest.mark.skipif(
@@ -18,7 +18,7 @@ def test_real_cores_are_accepted_with_labels_from_the_table_only(tmp_path):
     files = {p.name: p for p in sorted(REAL_CORES.glob("*.jpg"))}
     labels = pd.read_csv(REAL_CORES / "labels.csv", dtype=str)
     # rename in the table view only: labels must follow the table, never the file name prefix
-    result = ingest_core_folder(files, labels, None, ImageCheckParams())
+    result = ingest_core_folder(files, labels, None, ImageChecks())
     assert result.problems == []
     assert len(result.records) == len(files) == 5
     truth = labels.set_index("filename")
@@ -38,7 +38,7 @@ def test_labels_come_from_the_table_not_the_file_name():
     swapped = labels.copy()
     swapped["ihc-score"] = "0"
     swapped["her2-status"] = "0"
-    result = ingest_core_folder(files, swapped.head(2), None, ImageCheckParams())
+    result = ingest_core_folder(files, swapped.head(2), None, ImageChecks())
     assert set(result.records["ihc_score"]) == {0}
     unlabelled = [p for p in result.problems if p.reason.startswith("file without label")]
     assert len(unlabelled) == 3

@@ -6,8 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from her2_kedro.schema import FIVE_CLASSES
-from her2_kedro.tma.splits import assign_splits, patient_class, validate_fractions
+from her2_kedro.schema import EXTERNAL_SPLIT, FIVE_CLASSES, SPLITS
+from her2_kedro.tma.splits import (
+    assign_manifest_splits,
+    assign_splits,
+    patient_class,
+    validate_fractions,
+)
 
 
 def cohort(n_patients: int, seed: int, given_fraction: float = 0.0) -> pd.DataFrame:
@@ -214,3 +219,48 @@ def test_fractions_zero_and_missing_keys() -> None:
 def test_missing_columns_raise() -> None:
     with pytest.raises(ValueError, match="needs columns"):
         assign_splits(pd.DataFrame({"core_id": ["a"]}))
+
+
+def test_evaluation_only_cohorts_are_external_and_never_split() -> None:
+    table = cohort(60, seed=11, given_fraction=0.3)
+    rng = np.random.default_rng(0)
+    patients = table["patient_id"].unique()
+    external_patients = set(rng.choice(patients, size=15, replace=False))
+    table["cohort"] = np.where(table["patient_id"].isin(external_patients), "centre_b", "internal")
+    split, problems, notes = assign_manifest_splits(table, seed=3, evaluation_only=["centre_b"])
+    held_out = table["cohort"] == "centre_b"
+    assert (split[held_out] == EXTERNAL_SPLIT).all()
+    assert set(split[~held_out]) <= set(SPLITS)
+    # the patient split of the other cohorts is exactly the split of those cohorts alone
+    inner, inner_problems = assign_splits(table[~held_out], seed=3)
+    pd.testing.assert_series_equal(split[~held_out], inner, check_names=False)
+    assert problems == inner_problems == []
+    # a split given for an evaluation-only core is overridden, and the QC note says so
+    given = table.loc[held_out, "split"].notna()
+    overridden = set(table.loc[held_out][given]["core_id"])
+    assert overridden and set(notes) == overridden
+    for core_id in overridden:
+        assert "overridden to 'external'" in notes[core_id] and "'centre_b'" in notes[core_id]
+
+
+def test_default_evaluation_only_cohort_is_the_config_default() -> None:
+    table = cohort(10, seed=2).assign(cohort="internal")
+    table.loc[table.index[:3], "cohort"] = "external"
+    split, _, _ = assign_manifest_splits(table)
+    assert split.iloc[:3].tolist() == [EXTERNAL_SPLIT] * 3
+    assert set(split.iloc[3:]) <= set(SPLITS)
+
+
+def test_external_patient_also_in_training_is_noted() -> None:
+    table = pd.DataFrame(
+        {
+            "core_id": ["a", "b", "c"],
+            "patient_id": ["P1", "P1", "P2"],
+            "five_class": ["0", "0", "3"],
+            "split": [pd.NA] * 3,
+            "cohort": ["internal", "external", "internal"],
+        }
+    )
+    split, _, notes = assign_manifest_splits(table)
+    assert split.tolist()[1] == EXTERNAL_SPLIT
+    assert "not patient-disjoint" in notes["b"]

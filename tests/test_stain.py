@@ -102,7 +102,7 @@ def test_empty_image() -> None:
 
 def test_matches_rgb2hed_on_synthetic_cores_of_every_score() -> None:
     from her2_kedro.synthetic.optics import EXTERNAL_STAINS
-    from her2_kedro.synthetic.tissue import CoreSpec, render_core
+    from her2_kedro.synthetic.render import CoreSpec, render_core
 
     for score in range(4):
         for stains in ({}, {"stains": EXTERNAL_STAINS}):

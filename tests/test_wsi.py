@@ -20,6 +20,7 @@ from her2_kedro.tma.wsi import (  # noqa: E402
     PILSlideReader,
     SlideReader,
     SlideReadError,
+    SlideTooLarge,
     TiffSlideReader,
     open_slide,
     to_rgb_uint8,
@@ -162,10 +163,61 @@ def test_jpeg_thumbnail_uses_draft_without_full_decode(tmp_path: Path, scene: sf
         assert reg.shape == (10, 10, 3)
 
 
-def test_pil_slide_refused_above_max_pixels(png_slide: Path) -> None:
-    with pytest.raises(SlideReadError, match="max_pixels") as ei:
-        open_slide(png_slide, max_pixels=1000)
-    assert png_slide.name in str(ei.value)
+def test_plain_slide_above_the_memory_bound_is_refused_with_how_to_convert(
+    png_slide: Path,
+) -> None:
+    w, h = Image.open(png_slide).size
+    limit = w * h - 1
+    with pytest.raises(SlideTooLarge) as ei:
+        open_slide(png_slide, max_pixels=limit)
+    message = str(ei.value)
+    assert png_slide.name in message and f"{w}x{h}" in message
+    assert f"ingestion.dearray.max_slide_pixels = {limit}" in message
+    assert "vips tiffsave" in message and "--tile --pyramid" in message
+
+
+def test_small_plain_slides_still_read_whole(png_slide: Path, scene: sf.Scene, tmp_path) -> None:
+    w, h = Image.open(png_slide).size
+    with open_slide(png_slide, max_pixels=w * h) as r:
+        assert isinstance(r, PILSlideReader)
+        np.testing.assert_array_equal(r.read_region((0, 0), 0, (w, h)), sf.render_full(scene))
+        thumb, _ = r.thumbnail(200)
+        assert max(thumb.shape[:2]) == 200
+    jpg = tmp_path / "slide.jpg"
+    sf.write_plain(scene, jpg)
+    with open_slide(jpg, max_pixels=w * h) as r:  # decoded like PIL does, pixel for pixel
+        np.testing.assert_array_equal(
+            r.read_region((0, 0), 0, (w, h)), np.asarray(Image.open(jpg).convert("RGB"))
+        )
+
+
+def test_flat_tiff_in_one_huge_strip_is_refused(
+    tmp_path: Path, scene: sf.Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = tmp_path / "flat.tif"
+    sf.write_flat_tiff(scene, p, rows_per_strip=scene.height)
+    monkeypatch.setattr(wsi, "MAX_CHUNK_BYTES", 1024)
+    with pytest.raises(SlideTooLarge, match="stored in chunks") as ei:
+        open_slide(p)
+    assert "flat.tif" in str(ei.value) and "vips tiffsave" in str(ei.value)
+
+
+def test_pil_bomb_guard_is_scoped_not_switched_off(tmp_path: Path) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    p = tmp_path / "big.png"
+    Image.new("RGB", (1200, 1000), (200, 150, 180)).save(p)
+    Image.MAX_IMAGE_PIXELS = 500_000  # the slide exceeds the global guard ...
+    try:
+        with open_slide(p, max_pixels=2_000_000) as r:  # ... but not the slide limit
+            assert r.read_region((0, 0), 0, (4, 4)).shape == (4, 4, 3)
+            assert Image.MAX_IMAGE_PIXELS == 500_000  # restored between reads
+            with wsi.pil_pixel_limit(2_000_000):
+                assert Image.MAX_IMAGE_PIXELS == 2_000_000  # raised, never None
+        assert Image.MAX_IMAGE_PIXELS == 500_000
+        with pytest.raises(Image.DecompressionBombError):
+            Image.open(p)  # 1.2 M pixels > 2 x 500 k: the global guard still refuses it
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ class DearrayConfig(Strict):
     max_offgrid: float = Field(0.35, gt=0, le=0.5)
     margin: float = Field(0.05, ge=0, le=0.5)
     jpeg_quality: int = Field(95, ge=50, le=100)
-    max_slide_pixels: int = Field(20_000_000_000, ge=1)
+    #: Largest plain (JPEG/PNG, not tiled) slide decoded whole: 350 M pixels (about 18700 px
+    #: square) at ~5 bytes a pixel keeps a slide under 2 GB; tiled TIFFs stream and need no limit.
+    max_slide_pixels: int = Field(350_000_000, ge=1)
 
 
 class SplitConfig(Strict):

@@ -10,9 +10,12 @@ from her2_kedro.config.base import Strict
 
 
 class IntensityModelConfig(Strict):
-    """One intensity model: its feature set and the C values tried on the validation split."""
+    """One intensity model: the feature table it reads, its features and the C values tried."""
 
     name: str
+    features_table: Literal["intensity_features", "intensity_plus_features"] = (
+        "intensity_plus_features"
+    )
     features: list[str] = Field(min_length=1)
     standardize: bool = True
     c_grid: list[float] = Field([0.01, 0.1, 1.0, 10.0, 100.0], min_length=1)
@@ -33,11 +36,12 @@ class TaskConfig(Strict):
 
 
 class IntensityStudyParams(Strict):
-    """The intensity study (``parameters_intensity.yml``): models, tasks, evaluation-only cohorts."""
+    """The intensity study (``parameters_intensity.yml``): the one place its models and tasks are
+    declared; the intensity pipeline builds one namespace per model and task from it."""
 
     seed: int = 0
-    tasks: dict[str, TaskConfig]
-    models: dict[str, IntensityModelConfig]
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    models: dict[str, IntensityModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _keys_are_names(self) -> IntensityStudyParams:

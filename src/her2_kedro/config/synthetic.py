@@ -49,7 +49,7 @@ class SyntheticParams(Strict):
     external_fraction: float = Field(0.15, ge=0, le=1)
     status_cue_strength: float = Field(0.9, ge=0.5, le=1)
     core_size: int = Field(672, ge=224)
-    cell_diameter_px: float = Field(24.0, gt=2)
+    cell_diameter_px: float = Field(60.0, gt=2)
     artefact_rates: ArtefactRates = ArtefactRates()
     slides: SyntheticSlides = SyntheticSlides()
 

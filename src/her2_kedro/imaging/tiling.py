@@ -5,19 +5,12 @@ the top-left corner, partial edge tiles dropped, a pixel is background where its
 (0.2989 R + 0.587 G + 0.114 B on 0..255) is above 220, and a tile is kept where its foreground
 fraction is strictly greater than 5 %.
 
-Boundary semantics. The foreground test is done in exact integer arithmetic on uint8 input:
-``2989 R + 5870 G + 1140 B <= 220 * 10_000`` is foreground, i.e. background is *strictly* above the
-threshold and a pixel whose grey is exactly 220 is tissue, the same comparison as
-``imaging.foreground_mask`` (``grey <= background_grey``). Over all 256**3 colours the two agree
-everywhere except one exact tie, RGB (180, 254, 150), whose grey is exactly 220.0 but which
-``imaging.grey`` evaluates in float32 as 220.00002 (background); the integer rule calls it tissue,
-which is the mathematically exact answer. (Checked exhaustively on every colour within +-0.3 grey
-levels of the threshold; no other colour can be affected by float32 rounding.)
+The foreground test and the per-tile counts are those of ``imaging.pixels`` (exact integer grey
+test on uint8 input; a pixel whose grey is exactly 220 is tissue).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -25,15 +18,24 @@ import pandas as pd
 from pydantic import field_validator
 
 from her2_kedro.config.shared import TileConfig
-from her2_kedro.imaging.pixels import BACKGROUND_GREY
+from her2_kedro.imaging.pixels import (
+    check_rgb,
+    foreground_mask_fast,
+    tile_row_counts,
+)
 
-#: Integer grey weights: 10_000 x (0.2989, 0.587, 0.114); the products fit int32 without loss.
-INT_GREY_WEIGHTS = (2989, 5870, 1140)
-INT_GREY_SCALE = 10_000
-
-
-# Rows of the image processed at once by the foreground pass (keeps temporaries in cache).
-_BAND_ROWS = 224
+__all__ = [
+    "PAPER_RULE",
+    "TileRule",
+    "all_tiles",
+    "foreground_mask_fast",  # re-exported: the pixel rule lives in imaging.pixels
+    "iter_tiles",
+    "read_tile",
+    "tile_fractions",
+    "tile_index",
+    "tile_index_from_fractions",
+    "tile_origins",
+]
 
 
 class TileRule(TileConfig):
@@ -84,58 +86,6 @@ def tile_origins(height: int, width: int, rule: TileConfig = PAPER_RULE) -> np.n
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def _int_threshold(background_grey: float) -> int:
-    """Largest integer weighted sum that still counts as foreground (grey <= background_grey)."""
-    return math.floor(background_grey * INT_GREY_SCALE + 1e-6)
-
-
-def _foreground_band(band: np.ndarray, threshold: int, out: np.ndarray) -> None:
-    """Write the foreground mask of an RGB uint8 band into ``out`` (exact integer grey test)."""
-    wr, wg, wb = INT_GREY_WEIGHTS
-    s = band[..., 0].astype(np.int32)
-    s *= wr
-    t = np.multiply(band[..., 1], wg, dtype=np.int32)
-    s += t
-    np.multiply(band[..., 2], wb, out=t, dtype=np.int32)
-    s += t
-    np.less_equal(s, threshold, out=out)
-
-
-def foreground_mask_fast(rgb: np.ndarray, background_grey: float = BACKGROUND_GREY) -> np.ndarray:
-    """Tissue mask of an RGB uint8 image, same rule as ``imaging.foreground_mask`` but ~4x faster."""
-    _check_rgb(rgb)
-    height = rgb.shape[0]
-    out = np.empty(rgb.shape[:2], dtype=bool)
-    threshold = _int_threshold(background_grey)
-    for y0 in range(0, height, _BAND_ROWS):
-        _foreground_band(rgb[y0 : y0 + _BAND_ROWS], threshold, out[y0 : y0 + _BAND_ROWS])
-    return out
-
-
-def _check_rgb(rgb: np.ndarray) -> None:
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {rgb.shape}")
-    if rgb.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 RGB image, got dtype {rgb.dtype}")
-
-
-def _grid_counts(rgb: np.ndarray, rule: TileRule, nx: int, ny: int) -> np.ndarray:
-    """Foreground pixel count per tile (ny, nx) for a non-overlapping, gap-free grid."""
-    size = rule.tile_size
-    ox, oy = rule.offset
-    threshold = _int_threshold(rule.background_grey)
-    counts = np.zeros((ny, nx), dtype=np.int64)
-    mask = np.empty((size, nx * size), dtype=bool)
-    acc = np.uint16 if size <= np.iinfo(np.uint16).max else np.uint32
-    for j in range(ny):
-        y0 = oy + j * size
-        band = rgb[y0 : y0 + size, ox : ox + nx * size]
-        _foreground_band(band, threshold, mask)
-        column_sums = np.add.reduce(mask.view(np.uint8), axis=0, dtype=acc)
-        counts[j] = column_sums.reshape(nx, size).sum(axis=1)
-    return counts
-
-
 def tile_fractions(mask: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
     """Fraction of True pixels of a boolean mask in each ``size`` tile at ``origins`` (x, y)."""
     if len(origins) == 0:
@@ -177,19 +127,6 @@ def _index_frame(core_id: str, origins: np.ndarray, fractions: np.ndarray) -> pd
     )
 
 
-def _grid_counts_from_mask(mask: np.ndarray, rule: TileRule, nx: int, ny: int) -> np.ndarray:
-    """Foreground pixel count per tile (ny, nx) of a gap-free grid, from a precomputed mask."""
-    size = rule.tile_size
-    ox, oy = rule.offset
-    acc = np.uint16 if size <= np.iinfo(np.uint16).max else np.uint32
-    counts = np.zeros((ny, nx), dtype=np.int64)
-    for j in range(ny):
-        y0 = oy + j * size
-        band = mask[y0 : y0 + size, ox : ox + nx * size].view(np.uint8)
-        counts[j] = np.add.reduce(band, axis=0, dtype=acc).reshape(nx, size).sum(axis=1)
-    return counts
-
-
 def all_tiles(
     rgb: np.ndarray, rule: TileConfig = PAPER_RULE, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +135,7 @@ def all_tiles(
     ``mask`` (the foreground mask, when the caller already has it) avoids recomputing it.
     """
     rule = as_rule(rule)
-    _check_rgb(rgb)
+    check_rgb(rgb)
     height, width = rgb.shape[:2]
     if mask is not None and mask.shape != (height, width):
         raise ValueError(f"mask {mask.shape} does not match the image {rgb.shape[:2]}")
@@ -210,10 +147,11 @@ def all_tiles(
     if rule.stride == size:  # non-overlapping, gap-free grid: per-band reshape-sum
         nx = _axis_origins(width, size, size, rule.offset[0]).size
         ny = _axis_origins(height, size, size, rule.offset[1]).size
-        if mask is None:
-            counts = _grid_counts(rgb, rule, nx, ny)
-        else:
-            counts = _grid_counts_from_mask(mask, rule, nx, ny)
+        counts = np.zeros((ny, nx), dtype=np.int64)
+        for j, row in tile_row_counts(
+            rgb, size, rule.background_grey, offset=rule.offset, mask=mask
+        ):
+            counts[j] = row
         return origins, counts.ravel() / area
     if mask is None:
         mask = foreground_mask_fast(rgb, rule.background_grey)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -84,6 +85,28 @@ class FileListingDataset(AbstractDataset[dict[str, Path], None]):
         return {"path": str(self._path), "suffixes": self._suffixes}
 
 
+#: Field separators a label table may use: comma, semicolon (spreadsheets in locales with a
+#: decimal comma), tab. Labels are integers and text, so decimal commas never matter.
+DELIMITERS = (",", ";", "\t")
+
+
+def sniff_delimiter(path: Path) -> str:
+    """The separator of a label CSV: the one of ``DELIMITERS`` that splits its header line most.
+
+    The header is read outside quotes, so a quoted column name holding a comma does not count;
+    a one-column table (or an unreadable one, which the parser then reports) reads as comma.
+    """
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as fh:
+            header = next((line for line in fh if line.strip()), "")
+    except OSError:
+        return ","
+    unquoted = "".join(part for i, part in enumerate(header.split('"')) if i % 2 == 0)
+    counts = {d: unquoted.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] > 0 else ","
+
+
 @dataclass(frozen=True)
 class LabelTable:
     """A label CSV as read from disk: its rows as text, or why it could not be read."""
@@ -100,6 +123,9 @@ class LabelTable:
 class LabelTableDataset(AbstractDataset[LabelTable, None]):
     """Optional label table (``labels.csv``, ``slide_map.csv``), every cell read as text.
 
+    The separator (comma, semicolon or tab) is sniffed from the header line, so a table saved
+    by a spreadsheet in a locale that writes semicolons reads the same.
+
     Missing → ``LabelTable(frame=None)``; unparseable → ``LabelTable(frame=None, error=...)`` naming the
     file and the parser's complaint. Validation of the values happens in ``her2_kedro.tma.qc.labels``.
     """
@@ -114,7 +140,12 @@ class LabelTableDataset(AbstractDataset[LabelTable, None]):
             return LabelTable(source=source, frame=None)
         try:
             frame = pd.read_csv(
-                self._filepath, dtype=str, keep_default_na=False, skipinitialspace=True
+                self._filepath,
+                sep=sniff_delimiter(self._filepath),
+                dtype=str,
+                keep_default_na=False,
+                skipinitialspace=True,
+                encoding="utf-8-sig",
             )
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
             message = f"{self._filepath}: unreadable label table ({type(err).__name__}: {err})"
@@ -172,12 +203,23 @@ class SyntheticCohort:
 MARKER = ".her2_kedro_synthetic.json"
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
     """Writes a ``SyntheticCohort`` under ``root`` (the raw layer) without ever touching user data.
 
     The raw targets (``cores/``, ``labels.csv``, ``slides/``, ``slide_map.csv``) are written only when
     every file in them is one that a marker file says this dataset wrote (so empty or absent targets
-    qualify, and a user's file anywhere there blocks the write). With the same fingerprint in the
+    qualify, and a user's file anywhere there blocks the write). The marker records each file's
+    sha256: a file counts as ours, and may be replaced, only while it lies inside a target and its
+    content is unchanged, so a tampered marker (``../elsewhere``) or an edited file is never deleted. With the same fingerprint in the
     marker the cohort is already there and nothing is rewritten. Loading returns the marker.
     """
 
@@ -191,14 +233,51 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
     def _marker(self) -> Path:
         return self._root / MARKER
 
-    def _written_before(self) -> set[str]:
-        """Files (relative to the root) that an earlier synthetic run recorded in its marker."""
+    def _recorded(self) -> dict[str, str | None]:
+        """Files (relative to the root) an earlier synthetic run recorded, with their sha256."""
         if not self._marker.is_file():
-            return set()
+            return {}
         try:
-            return set(json.loads(self._marker.read_text()).get("files", []))
-        except (json.JSONDecodeError, AttributeError):
-            return set()
+            marker = json.loads(self._marker.read_text())
+            hashes = marker.get("sha256", {})
+            return {str(rel): hashes.get(rel) for rel in marker.get("files", [])}
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            return {}
+
+    def _own_file(self, rel: str, recorded_hash: str | None) -> Path | None:
+        """The file a marker entry names, if it is provably ours: else None, with the reason logged.
+
+        Ours means: a relative path inside one of the raw targets (no ``..``, no link leading out
+        of the root), a regular file, and the content hash recorded when it was written.
+        """
+        path = self._root / rel
+        parts = Path(rel).parts
+        if (
+            Path(rel).is_absolute()
+            or ".." in parts
+            or not parts
+            or parts[0] not in self.TARGETS
+            or not _is_inside(path, self._root)
+        ):
+            logger.warning(
+                "Synthetic marker lists %r, outside %s: left untouched.", rel, self._root
+            )
+            return None
+        if not path.is_file():
+            return None
+        if recorded_hash is None:
+            logger.warning("Synthetic marker has no content hash for %s: left untouched.", path)
+            return None
+        if file_sha256(path) != recorded_hash:
+            logger.warning(
+                "%s changed since the synthetic pipeline wrote it: left untouched.", path
+            )
+            return None
+        return path
+
+    def _written_before(self) -> set[str]:
+        """Marker entries that are provably this dataset's files (contained, hash unchanged)."""
+        return {rel for rel, digest in self._recorded().items() if self._own_file(rel, digest)}
 
     def _user_data(self) -> list[str]:
         """Files under the targets that this dataset did not write (so must never be touched)."""
@@ -245,14 +324,18 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
         self._write(data)
 
     def _clear_own_outputs(self) -> None:
-        for rel in self._written_before():
-            (self._root / rel).unlink(missing_ok=True)
+        """Delete the previous cohort's files: only those proven ours (see ``_own_file``)."""
+        for rel, digest in self._recorded().items():
+            path = self._own_file(rel, digest)
+            if path is not None:
+                path.unlink()
         self._marker.unlink(missing_ok=True)
 
     def _write(self, data: SyntheticCohort) -> None:
         from tqdm.auto import tqdm
 
         written: list[str] = []
+        hashes: dict[str, str] = {}
         cores_dir = self._root / "cores"
         cores_dir.mkdir(parents=True, exist_ok=True)
         n_cores = 0
@@ -261,6 +344,7 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
         ):
             (cores_dir / filename).write_bytes(payload)
             written.append(f"cores/{filename}")
+            hashes[f"cores/{filename}"] = hashlib.sha256(payload).hexdigest()
             n_cores += 1
         data.labels.to_csv(self._root / "labels.csv", index=False)
         written.append("labels.csv")
@@ -278,6 +362,7 @@ class SyntheticCohortDataset(AbstractDataset[dict[str, Any], SyntheticCohort]):
             "slides": sorted(data.slides),
             "slide_cores": len(data.slide_map),
             "files": written,
+            "sha256": {rel: hashes.get(rel) or file_sha256(self._root / rel) for rel in written},
         }
         self._marker.write_text(json.dumps(marker, indent=2))
         logger.info(

@@ -4,7 +4,7 @@ Labels follow the paper's five training classes 0, 1, 2-, 2+, 3 (score 2 split b
 A patient's class is drawn from the priors and shared by all the patient's cores (multi-spot
 TMA). The simulated HER2 status is 0 for classes 0, 1, 2- and 1 for 2+, 3.
 
-Status cue (see ``tissue`` for what it looks like): present with probability
+Status cue (see ``staining`` for what it looks like): present with probability
 ``status_cue_strength`` for 2+ and 3 (amplified tumours) and ``1 - status_cue_strength`` for
 2-, 0 and 1, drawn per patient, so within score 2 the cue predicts the ISH result with
 accuracy ``status_cue_strength`` while intensity does not.
@@ -25,16 +25,11 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pandas as pd
 
+from her2_kedro.imaging.pixels import encode_jpeg
 from her2_kedro.schema import FIVE_CLASSES, PAPER_CLASS_COUNTS, SCORE_OF_CLASS, STATUS_OF_CLASS
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
-from her2_kedro.synthetic.tissue import (
-    DAB_GAIN_SD,
-    FOCAL_RATE,
-    TUMOUR_FRACTION_RANGE,
-    CoreSpec,
-    encode_jpeg,
-    render_core,
-)
+from her2_kedro.synthetic.render import CoreSpec, render_core
+from her2_kedro.synthetic.staining import DAB_GAIN_SD, FOCAL_RATE, TUMOUR_FRACTION_RANGE
 
 CLASSES = FIVE_CLASSES
 BALANCED_PRIORS: dict[str, float] = {c: 1.0 for c in CLASSES}

@@ -41,7 +41,7 @@ INTERNAL_STAINS = StainSet(
     # Golden-brown: OD direction of strongly stained membranes in a real score-3 core (~(0.25,
     # 0.52, 0.81) before removing their haematoxylin share), a little yellower than Ruifrok's.
     dab=_unit((0.24, 0.53, 0.81)),
-    background_rgb=(236, 235, 243),
+    background_rgb=(234, 233, 241),
     dab_scale=1.0,
 )
 

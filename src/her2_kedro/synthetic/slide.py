@@ -5,7 +5,7 @@ rotation). The layout table (``slide_layout``) is the ground truth for dearrayin
 centre of every grid position and whether a core is present there.
 
 Core images are square RGB images whose round tissue disk fills about ``CORE_FILL`` of the side
-(as ``tissue.render_core`` makes them); they are scaled so that the disk diameter is about
+(as ``render.render_core`` makes them); they are scaled so that the disk diameter is about
 ``core_diameter_px`` and blended only where there is tissue (grey below the glass level) inside
 the inscribed circle, so their own glass merges with the slide glass.
 
@@ -26,6 +26,7 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
+from her2_kedro.imaging.pixels import grey
 from her2_kedro.synthetic.optics import INTERNAL_STAINS
 
 CORE_FILL = 0.93  # tissue-disk diameter / image side of a rendered core
@@ -152,7 +153,7 @@ class _Sprite:
 
 def _alpha(rgb: np.ndarray, glass_grey: float) -> np.ndarray:
     """Blend weight: tissue (darker than glass) inside the inscribed circle of the square."""
-    g = rgb.astype(np.float32) @ np.array([0.2989, 0.587, 0.114], dtype=np.float32)
+    g = grey(rgb)
     a = np.clip((glass_grey - 4.0 - g) / 6.0, 0.0, 1.0)
     n = rgb.shape[0]
     yy, xx = np.ogrid[:n, :n]
@@ -327,7 +328,7 @@ def write_synthetic_slide(
     if tile % 16:
         raise ValueError("tile_size must be a multiple of 16")
     noise = np.round(rng.normal(0.0, 1.2, (tile, 509, 3))).astype(np.int16)
-    glass_grey = float(np.dot(GLASS_RGB, (0.2989, 0.587, 0.114)))
+    glass_grey = float(grey(np.array([[GLASS_RGB]], dtype=np.uint8))[0, 0])
     res = 1e4 / spec.mpp  # pixels per centimetre
     try:
         import imagecodecs  # noqa: F401

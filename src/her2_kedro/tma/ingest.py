@@ -8,6 +8,7 @@ callables that re-read (folder) or hold the already-encoded bytes (dearrayed cor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,16 +19,30 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from her2_kedro.config.ingestion import DearrayConfig, ImageChecks
+from her2_kedro.config.shared import TileConfig
 from her2_kedro.imaging.pixels import encode_jpeg, encode_png
-from her2_kedro.schema import MANIFEST_COLUMNS, QCProblem
-from her2_kedro.tma.dearray import DearrayParams, dearray_slide, extract_core
-from her2_kedro.tma.qc.images import CheckedImage, ImageCheckParams, check_image
-from her2_kedro.tma.qc.labels import slide_stem, validate_labels, validate_slide_map
+from her2_kedro.schema import DEFAULT_COHORT, MANIFEST_COLUMNS, QCProblem
+from her2_kedro.tma.dearray import (
+    DearrayResult,
+    anchor_to_positions,
+    canonical_label,
+    dearray_slide,
+    extract_core,
+    grid_label,
+    parse_grid_label,
+)
+from her2_kedro.tma.qc.images import CheckedImage, check_image
+from her2_kedro.tma.qc.labels import check_label_table
+from her2_kedro.tma.qc.slide_map import map_labels_by_slide, slide_stem, validate_slide_map
 from her2_kedro.tma.wsi import SlideReadError, open_slide
 
 logger = logging.getLogger(__name__)
 
-RECORD_COLUMNS = MANIFEST_COLUMNS
+#: Columns of the records a source hands to the manifest: the manifest's, plus the note (conversion,
+#: split override) that the QC report shows on the core's accepted row.
+NOTE_COLUMN = "qc_note"
+RECORD_COLUMNS = [*MANIFEST_COLUMNS, NOTE_COLUMN]
 
 Payloads = dict[str, Callable[[], bytes]]
 
@@ -48,9 +63,9 @@ def core_id_for(filename: str) -> str:
     return "__".join(PurePosixPath(filename).with_suffix("").parts)
 
 
-def _reencoded(path: Path, name: str, checks: ImageCheckParams) -> bytes:
+def _reencoded(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> bytes:
     """Decode ``path`` again with the QC conversions and encode it as PNG (converted modes only)."""
-    checked = check_image(path.read_bytes(), name, checks)
+    checked = check_image(path.read_bytes(), name, checks, tiles)
     if not checked.ok or checked.rgb is None:
         raise RuntimeError(f"{path}: changed on disk during the run ({checked.reason})")
     return encode_png(checked.rgb)
@@ -66,27 +81,59 @@ def _record(row: Mapping, core_id: str, source: str, checked: CheckedImage, imag
         "her2_status": int(row["her2_status"]),
         "five_class": row["five_class"],
         "split": row.get("split"),
-        "cohort": row.get("cohort", "internal"),
+        "cohort": row.get("cohort", DEFAULT_COHORT),
         "width": int(checked.width),
         "height": int(checked.height),
         "content_hash": checked.content_hash,
         "image": image,
+        NOTE_COLUMN: checked.reason if checked.ok else "",
     }
 
 
 def _frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
-    return frame.astype({"split": "object", "cohort": "object"})
+    return frame.astype({"split": "object", "cohort": "object", NOTE_COLUMN: "object"})
+
+
+def _check_file(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> CheckedImage:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return CheckedImage(ok=False, reason=f"unreadable file: {err.strerror or err}")
+    return check_image(data, name, checks, tiles)
+
+
+def _with_image_verdict(
+    problems: list[QCProblem], names: set[str], verdicts: Mapping[str, CheckedImage]
+) -> list[QCProblem]:
+    """Label problems of files rejected for their labels, each extended by its image's verdict."""
+    out = []
+    for problem in problems:
+        checked = verdicts.get(problem.core_id)
+        if problem.source != "labels.csv" or problem.core_id not in names or checked is None:
+            out.append(problem)
+            continue
+        verdict = (
+            "the image itself passed QC" if checked.ok else f"image also rejected: {checked.reason}"
+        )
+        out.append(dataclasses.replace(problem, reason=f"{problem.reason}; {verdict}"))
+    return out
 
 
 def ingest_core_folder(
     files: Mapping[str, Path],
     labels: pd.DataFrame | None,
     labels_error: str | None,
-    checks: ImageCheckParams,
+    checks: ImageChecks,
+    tiles: TileConfig | None = None,
     source: str = "cores",
 ) -> SourceResult:
-    """Validate ``labels.csv`` against the folder, decode-verify every labelled file, keep the good ones."""
+    """Validate ``labels.csv`` against the folder, decode-verify every labelled file, keep the good ones.
+
+    A file whose rows were all rejected for their labels is decode-checked too, so its QC row says
+    whether the image would also have been rejected.
+    """
+    tiles = tiles or TileConfig()
     problems: list[QCProblem] = []
     if labels is None:
         if labels_error:
@@ -97,27 +144,24 @@ def ingest_core_folder(
         problems.extend(QCProblem(source, name, reason) for name in files)
         return SourceResult(_frame([]), problems)
 
-    clean, label_problems = validate_labels(labels, "labels.csv", set(files))
-    problems.extend(label_problems)
+    check = check_label_table(labels, "labels.csv", set(files))
+    verdicts = {
+        name: _check_file(files[name], name, checks, tiles) for name in sorted(check.label_rejected)
+    }
+    problems.extend(_with_image_verdict(check.problems, set(check.label_rejected), verdicts))
     records: list[dict] = []
     payloads: Payloads = {}
-    for row in tqdm(clean.to_dict("records"), desc="checking cores", unit="core"):
+    for row in tqdm(check.clean.to_dict("records"), desc="checking cores", unit="core"):
         name = row["filename"]
         path = files[name]
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            problems.append(QCProblem(source, name, f"unreadable file: {err.strerror or err}"))
-            continue
-        checked = check_image(data, name, checks)
-        del data
+        checked = _check_file(path, name, checks, tiles)
         if not checked.ok:
             problems.append(QCProblem(source, name, checked.reason))
             continue
         core_id = core_id_for(name)
         if checked.converted:
             image = f"{core_id}.png"
-            payloads[image] = partial(_reencoded, path, name, checks)
+            payloads[image] = partial(_reencoded, path, name, checks, tiles)
         else:
             image = f"{core_id}.{_EXTENSIONS.get(checked.format, 'png')}"
             payloads[image] = path.read_bytes
@@ -126,52 +170,123 @@ def ingest_core_folder(
     return SourceResult(_frame(records), problems, payloads)
 
 
+def _map_positions(labels: list[str], dearray: DearrayConfig) -> set[tuple[int, int]]:
+    parsed = (parse_grid_label(label, dearray) for label in labels)
+    return {p for p in parsed if p is not None}
+
+
+def _dearray_one(
+    path: Path, source: str, dearray: DearrayConfig, tiles: TileConfig, map_labels: list[str]
+) -> tuple[DearrayResult | None, list[QCProblem]]:
+    """Dearray one slide and anchor its labels to the map; a failure is one QC problem."""
+    try:
+        with open_slide(path, max_pixels=dearray.max_slide_pixels) as reader:
+            result = dearray_slide(reader, dearray, tiles)
+    except SlideReadError as err:
+        return None, [QCProblem(source, "", f"unreadable slide: {err}")]
+    except Exception as err:  # a slide the dearrayer cannot handle must not stop the others
+        logger.exception("Dearraying %s failed", path)
+        return None, [QCProblem(source, "", f"dearraying failed: {type(err).__name__}: {err}")]
+    result, anchoring = anchor_to_positions(result, _map_positions(map_labels, dearray), dearray)
+    if anchoring is not None:
+        log = logger.warning if anchoring.ties > 1 else logger.info
+        log("%s: %s", source, anchoring.describe())
+    logger.info(
+        "%s: %d cores on a %dx%d grid (rotation %.1f°), %d positions empty, %d blobs rejected",
+        source,
+        len(result.cores),
+        result.n_rows,
+        result.n_cols,
+        result.rotation_deg,
+        len(result.missing),
+        len(result.rejected),
+    )
+    stem = slide_stem(path.name)
+    problems = [
+        QCProblem(source, f"{stem}_{label}", f"missing grid position {label}: no core found")
+        for label in result.missing
+    ]
+    problems += [
+        QCProblem(source, "", f"{reason} at level-0 (x={x:.0f}, y={y:.0f})")
+        for reason, x, y in result.rejected
+    ]
+    return result, problems
+
+
+def _extract_slide(
+    name: str,
+    path: Path,
+    rows: pd.DataFrame,
+    cores: Mapping[str, object],
+    dearray: DearrayConfig,
+    checks: ImageChecks,
+    tiles: TileConfig,
+) -> SourceResult:
+    """Extract, encode and QC every labelled core of one slide; a core that fails is one problem."""
+    source = f"slides/{name}"
+    problems: list[QCProblem] = []
+    records: list[dict] = []
+    payloads: Payloads = {}
+    try:
+        reader = open_slide(path, max_pixels=dearray.max_slide_pixels)
+    except SlideReadError as err:
+        reason = f"core extraction failed: slide unreadable on reopening: {err}"
+        return SourceResult(_frame([]), [QCProblem(source, c, reason) for c in rows["core_id"]])
+    with reader:
+        for row in tqdm(rows.to_dict("records"), desc=f"extracting {name}", unit="core"):
+            core_id = row["core_id"]
+            try:
+                encoded = encode_jpeg(
+                    extract_core(reader, cores[row["core"]], dearray), dearray.jpeg_quality
+                )
+            except MemoryError:
+                raise
+            except Exception as err:  # one bad region must not cost the slide's other cores
+                logger.warning("%s: extracting %s failed: %s", source, core_id, err)
+                problems.append(
+                    QCProblem(
+                        source, core_id, f"core extraction failed: {type(err).__name__}: {err}"
+                    )
+                )
+                continue
+            checked = check_image(encoded, core_id, checks, tiles)
+            if not checked.ok:
+                problems.append(QCProblem(source, core_id, checked.reason))
+                continue
+            image = f"{core_id}.jpg"
+            payloads[image] = partial(bytes, encoded)
+            records.append(
+                _record({**row, "filename": row["core"]}, core_id, source, checked, image)
+            )
+            checked.rgb = None
+    return SourceResult(_frame(records), problems, payloads)
+
+
 def ingest_slides(
     files: Mapping[str, Path],
     slide_map: pd.DataFrame | None,
     slide_map_error: str | None,
-    dearray: DearrayParams,
-    checks: ImageCheckParams,
-    jpeg_quality: int = 95,
-    max_slide_pixels: int = 20_000_000_000,
+    dearray: DearrayConfig,
+    checks: ImageChecks,
+    tiles: TileConfig | None = None,
 ) -> SourceResult:
-    """Dearray every slide, label the cores from ``slide_map.csv``, extract and QC each labelled core."""
+    """Dearray every slide, label the cores from ``slide_map.csv``, extract and QC each labelled core.
+
+    The map's labels anchor each slide's grid (an empty first row or column no longer shifts the
+    labels) and are read in the configured label scheme (``ingestion.dearray`` row and column
+    labels), so custom labels match.
+    """
+    tiles = tiles or TileConfig()
     problems: list[QCProblem] = []
+    map_labels = map_labels_by_slide(slide_map, list(files))
     found: dict[str, dict[str, object]] = {}  # slide file name → {grid label: GridCore}
     for name, path in tqdm(files.items(), desc="dearraying slides", unit="slide"):
-        source = f"slides/{name}"
-        stem = slide_stem(name)
-        try:
-            with open_slide(path, max_pixels=max_slide_pixels) as reader:
-                result = dearray_slide(reader, dearray)
-        except SlideReadError as err:
-            problems.append(QCProblem(source, "", f"unreadable slide: {err}"))
-            continue
-        except Exception as err:  # a slide the dearrayer cannot handle must not stop the others
-            logger.exception("Dearraying %s failed", path)
-            problems.append(
-                QCProblem(source, "", f"dearraying failed: {type(err).__name__}: {err}")
-            )
-            continue
-        logger.info(
-            "%s: %d cores on a %dx%d grid (rotation %.1f°), %d positions empty, %d blobs rejected",
-            name,
-            len(result.cores),
-            result.n_rows,
-            result.n_cols,
-            result.rotation_deg,
-            len(result.missing),
-            len(result.rejected),
+        result, slide_problems = _dearray_one(
+            path, f"slides/{name}", dearray, tiles, map_labels.get(name, [])
         )
-        for label in result.missing:
-            problems.append(
-                QCProblem(
-                    source, f"{stem}_{label}", f"missing grid position {label}: no core found"
-                )
-            )
-        for reason, x, y in result.rejected:
-            problems.append(QCProblem(source, "", f"{reason} at level-0 (x={x:.0f}, y={y:.0f})"))
-        found[name] = {core.label: core for core in result.cores}
+        problems += slide_problems
+        if result is not None:
+            found[name] = {core.label: core for core in result.cores}
 
     if slide_map is None:
         if slide_map_error:
@@ -184,31 +299,24 @@ def ingest_slides(
             problems.extend(QCProblem(f"slides/{name}", f"{stem}_{lab}", reason) for lab in cores)
         return SourceResult(_frame([]), problems)
 
+    example = grid_label(0, 0, dearray)
     clean, map_problems = validate_slide_map(
-        slide_map, "slide_map.csv", {name: list(cores) for name, cores in found.items()}
+        slide_map,
+        "slide_map.csv",
+        {name: list(cores) for name, cores in found.items()},
+        normalise=partial(canonical_label, params=dearray),
+        expected=f"a grid label of ingestion.dearray's row and column labels, e.g. {example!r}",
     )
     problems.extend(map_problems)
-    records: list[dict] = []
-    payloads: Payloads = {}
-    for name, rows in clean.groupby("slide", sort=True):
-        source = f"slides/{name}"
-        with open_slide(files[name], max_pixels=max_slide_pixels) as reader:
-            for row in tqdm(rows.to_dict("records"), desc=f"extracting {name}", unit="core"):
-                core = found[name][row["core"]]
-                core_id = row["core_id"]
-                rgb = extract_core(reader, core, dearray)
-                encoded = encode_jpeg(rgb, jpeg_quality)
-                del rgb
-                checked = check_image(encoded, core_id, checks)
-                if not checked.ok:
-                    problems.append(QCProblem(source, core_id, checked.reason))
-                    continue
-                image = f"{core_id}.jpg"
-                payloads[image] = partial(bytes, encoded)
-                row = {**row, "filename": row["core"]}
-                records.append(_record(row, core_id, source, checked, image))
-                checked.rgb = None
-    return SourceResult(_frame(records), problems, payloads)
+    parts = [
+        _extract_slide(name, files[name], rows, found[name], dearray, checks, tiles)
+        for name, rows in clean.groupby("slide", sort=True)
+    ]
+    records = [p.records for p in parts if not p.records.empty]
+    payloads = {k: v for p in parts for k, v in p.payloads.items()}
+    problems += [q for p in parts for q in p.problems]
+    frame = pd.concat(records, ignore_index=True) if records else _frame([])
+    return SourceResult(frame, problems, payloads)
 
 
 def merge_sources(*results: SourceResult) -> tuple[pd.DataFrame, list[QCProblem]]:

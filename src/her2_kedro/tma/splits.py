@@ -2,18 +2,21 @@
 
 A patient never appears in two splits. Splits given in the label table are honoured (and count
 toward each class's quota); the remaining patients are assigned deterministically from a seed.
+Cores of evaluation-only cohorts (``cohorts.evaluation_only``) get the split ``external`` and take
+no part in the patient split (`assign_manifest_splits`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from her2_kedro.schema import FIVE_CLASSES, SPLITS, QCProblem
+from her2_kedro.config.shared import CohortsConfig
+from her2_kedro.schema import EXTERNAL_SPLIT, FIVE_CLASSES, SPLITS, QCProblem
 
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -132,3 +135,48 @@ def assign_splits(
         for i in rows_of[p]:
             result.iloc[i] = split
     return result, problems
+
+
+def assign_manifest_splits(
+    table: pd.DataFrame,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    evaluation_only: Iterable[str] | None = None,
+) -> tuple[pd.Series, list[QCProblem], dict[str, str]]:
+    """Splits of the manifest: evaluation-only cohorts get ``external``, the others are split by patient.
+
+    Cores whose ``cohort`` is evaluation-only never train or select a model, whatever the label
+    table says: a train/val/test split given for one is overridden to ``external`` with a note
+    (the core is still good for evaluation, so it is kept rather than rejected). Patient-level
+    stratified splitting (`assign_splits`) runs over the other cohorts only. Returns the split per
+    row (NA for rejected rows), the problems, and notes by core id for the QC report.
+    """
+    held_out = set(CohortsConfig().evaluation_only if evaluation_only is None else evaluation_only)
+    external = table["cohort"].astype(str).isin(held_out).to_numpy()
+    result = pd.Series(pd.NA, index=table.index, dtype=object, name="split")
+    notes: dict[str, str] = {}
+    training_patients = {str(p) for p in table.loc[~external, "patient_id"]}
+    for i in np.flatnonzero(external):
+        row = table.iloc[i]
+        given = _norm_split(row["split"])
+        reasons = []
+        if given is not None and given != EXTERNAL_SPLIT:
+            reasons.append(
+                f"split {given!r} from the label table overridden to '{EXTERNAL_SPLIT}': "
+                f"cohort {row['cohort']!r} is evaluation-only (cohorts.evaluation_only)"
+            )
+        if str(row["patient_id"]) in training_patients:
+            reasons.append(
+                f"patient {row['patient_id']} also has cores in a training cohort "
+                "(the external evaluation is not patient-disjoint)"
+            )
+        if reasons:
+            notes[str(row["core_id"])] = "; ".join(reasons)
+        result.iloc[i] = EXTERNAL_SPLIT
+    if (~external).any():
+        inner = table.loc[~external]
+        split, problems = assign_splits(inner, fractions=fractions, seed=seed)
+        result.loc[inner.index] = split
+    else:
+        problems = []
+    return result, problems, notes

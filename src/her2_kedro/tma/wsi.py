@@ -10,7 +10,6 @@ Any failure to open or decode a slide raises :class:`SlideReadError` naming the 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -19,13 +18,15 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from her2_kedro.imaging.pixels import WHITE, to_rgb_uint8
+
 __all__ = [
     "SlideReadError",
+    "SlideTooLarge",
     "SlideReader",
     "BaseSlideReader",
     "TiffSlideReader",
     "OpenSlideReader",
-    "PILSlideReader",
     "open_slide",
     "to_rgb_uint8",
     "TIFF_SUFFIXES",
@@ -37,13 +38,19 @@ TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif"})
 OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".svslide", ".dcm"})
 PIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
-WHITE = 255
 # Whole levels up to this many bytes are read in one go for a thumbnail; above it the
 # level is read in strips of at most _STRIP_BYTES and reduced as it goes.
 _WHOLE_LEVEL_BYTES = 64 * 1024 * 1024
 _STRIP_BYTES = 32 * 1024 * 1024
 
-_PIL_LOCK = threading.Lock()
+# A TIFF level is read chunk (tile or strip) by chunk; a level stored as chunks bigger than this
+# (e.g. a flat TIFF written as one strip) would be decoded whole, so it is refused.
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+#: How a user turns a slide this reader refuses into one it streams (libvips, free software).
+CONVERT_HINT = (
+    "convert it to a tiled pyramidal TIFF, e.g. "
+    "`vips tiffsave slide.jpg slide.tif --tile --pyramid --compression jpeg --Q 90`"
+)
 
 
 class SlideReadError(Exception):
@@ -53,6 +60,10 @@ class SlideReadError(Exception):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class SlideTooLarge(SlideReadError):
+    """A slide that could only be read by decoding more than the memory bound allows."""
 
 
 @runtime_checkable
@@ -84,44 +95,6 @@ class SlideReader(Protocol):
     def __enter__(self) -> SlideReader: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """Convert a decoded image array (grey, RGB, RGBA, 16-bit, float) to uint8 RGB (H, W, 3).
-
-    Alpha is composited onto white so transparent areas read as glass background.
-    """
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3:
-        raise ValueError(f"expected a 2-D or 3-D image array, got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if a.dtype == np.uint16:
-            a = (a >> 8).astype(np.uint8)
-        elif np.issubdtype(a.dtype, np.floating):
-            scale = 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else 1.0
-            a = np.clip(np.nan_to_num(a) * scale, 0, 255).astype(np.uint8)
-        else:
-            a = np.clip(a, 0, 255).astype(np.uint8)
-    c = a.shape[2]
-    if c == 1:
-        return np.repeat(a, 3, axis=2)
-    if c == 2:  # grey + alpha
-        rgb = np.repeat(a[:, :, :1], 3, axis=2)
-        alpha = a[:, :, 1:2]
-    elif c == 3:
-        return np.ascontiguousarray(a)
-    else:
-        rgb = a[:, :, :3]
-        alpha = a[:, :, 3:4] if c == 4 else None
-        if alpha is None:
-            return np.ascontiguousarray(rgb)
-    if np.all(alpha == 255):
-        return np.ascontiguousarray(rgb)
-    al = alpha.astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * al + WHITE * (1.0 - al)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -304,6 +277,25 @@ def _adopt_geometry(reader: BaseSlideReader, slide: Any) -> None:
         raise
 
 
+def _check_tiff_chunks(path: Path) -> None:
+    """Refuse a TIFF whose pages are stored in chunks too big to decode one at a time."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        for page in tif.pages:
+            chunk = getattr(page, "chunks", None)
+            if not chunk:
+                continue
+            n_bytes = int(np.prod(chunk)) * (page.dtype.itemsize if page.dtype else 1)
+            if n_bytes > MAX_CHUNK_BYTES:
+                raise SlideTooLarge(
+                    path,
+                    f"a {page.imagewidth}x{page.imagelength} page is stored in chunks of "
+                    f"{n_bytes / 2**20:.0f} MiB, above the {MAX_CHUNK_BYTES // 2**20} MiB that are "
+                    f"decoded at once (memory bound); {CONVERT_HINT}",
+                )
+
+
 class TiffSlideReader(BaseSlideReader):
     """Reader backed by ``tiffslide.TiffSlide`` (pyramidal/flat TIFF, SVS, NDPI, SCN, BIF)."""
 
@@ -313,6 +305,7 @@ class TiffSlideReader(BaseSlideReader):
         super().__init__(path)
         self._slide: Any = tiffslide.TiffSlide(str(self.path))
         _adopt_geometry(self, self._slide)
+        _check_tiff_chunks(self.path)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
@@ -353,91 +346,10 @@ class OpenSlideReader(BaseSlideReader):
         super().close()
 
 
-class PILSlideReader(BaseSlideReader):
-    """Reader for plain JPEG/PNG slides (single level, decoded once on first region read).
-
-    The pixel count is checked against ``max_pixels`` before anything is decoded; JPEG
-    thumbnails use ``Image.draft`` so the full image is not decoded for dearraying.
-    """
-
-    def __init__(self, path: Path, max_pixels: int) -> None:
-        super().__init__(path)
-        with _PIL_LOCK:  # our own max_pixels check replaces PIL's bomb guard
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                with Image.open(self.path) as im:
-                    w, h = im.size
-                    self._format = im.format
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-        if w < 1 or h < 1:
-            raise SlideReadError(self.path, f"image has an empty size {w}x{h}")
-        if w * h > max_pixels:
-            raise SlideReadError(
-                self.path, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}"
-            )
-        self._dimensions = (w, h)
-        self._level_dimensions = ((w, h),)
-        self._level_downsamples = (1.0,)
-        self._full: np.ndarray | None = None
-
-    def _open(self) -> Image.Image:
-        with _PIL_LOCK:
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                return Image.open(self.path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-
-    @staticmethod
-    def _pil_to_rgb(im: Image.Image) -> np.ndarray:
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            return to_rgb_uint8(np.asarray(im.convert("RGBA")))
-        if im.mode.startswith("I;16") or im.mode == "I":
-            return to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
-        return to_rgb_uint8(np.asarray(im.convert("RGB")))
-
-    def _decoded(self) -> np.ndarray:
-        if self._full is None:
-            with self._open() as im:
-                arr = self._pil_to_rgb(im)
-            if arr.shape[:2] != (self._dimensions[1], self._dimensions[0]):
-                raise ValueError(f"decoded shape {arr.shape} differs from header size")
-            self._full = arr
-        return self._full
-
-    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return self._decoded()[y : y + h, x : x + w].copy()
-
-    def _level_thumbnail(self, level: int, tw: int, th: int) -> np.ndarray:
-        if self._full is None and self._format == "JPEG":
-            with self._open() as im:
-                im.draft("RGB", (tw, th))  # DCT-domain downscale: decode at 1/2..1/8
-                small = self._pil_to_rgb(im)
-            return _resize(small, (tw, th))
-        return _resize(self._decoded(), (tw, th))
-
-    def probe(self) -> None:
-        """Check the file decodes without keeping (or, for JPEG, fully decoding) it."""
-        with self._open() as im:
-            if self._format == "JPEG":
-                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-                im.load()
-            elif self._format == "PNG":
-                im.verify()
-            else:
-                im.load()
-
-    def close(self) -> None:
-        """Drop the decoded image."""
-        self._full = None
-        super().close()
-
-
 def _probe(reader: BaseSlideReader) -> None:
     """Decode one pixel of the smallest level so broken files fail at open time."""
+    from her2_kedro.tma.wsi_plain import PILSlideReader
+
     if isinstance(reader, PILSlideReader):
         reader._guarded("probe decode", lambda: (reader.probe(), np.zeros(0))[1])
         return
@@ -474,6 +386,8 @@ def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:
     except OSError as exc:
         raise SlideReadError(path, f"cannot stat file: {exc}") from exc
 
+    from her2_kedro.tma.wsi_plain import PILSlideReader
+
     suffix = path.suffix.lower()
     if suffix in PIL_SUFFIXES:
         attempts: list[Callable[[], BaseSlideReader]] = [lambda: PILSlideReader(path, max_pixels)]
@@ -495,7 +409,7 @@ def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:
         except SlideReadError as exc:
             if reader is not None:
                 reader.close()
-            if name == "PIL" and "max_pixels" in exc.problem:
+            if isinstance(exc, SlideTooLarge):
                 raise
             problems.append(f"{name}: {exc.problem}")
         except MemoryError:
@@ -510,3 +424,12 @@ def open_slide(path: Path, max_pixels: int = 2_000_000_000) -> BaseSlideReader:
             problems.append(f"{name}: {type(exc).__name__}: {msg}"[:300])
     kind = "unsupported or corrupt slide" if suffix not in PIL_SUFFIXES else "unreadable image"
     raise SlideReadError(path, f"{kind} ({'; '.join(problems)})")
+
+
+def __getattr__(name: str) -> Any:
+    """The plain JPEG/PNG reader lives in ``tma.wsi_plain``; it is importable from here too."""
+    if name in ("PILSlideReader", "pil_pixel_limit"):
+        from her2_kedro.tma import wsi_plain
+
+        return getattr(wsi_plain, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,29 +8,16 @@ from typing import Any
 
 import pandas as pd
 
-from her2_kedro.config import DearrayConfig, ImageChecks, SplitConfig, TileConfig
+from her2_kedro.config import CohortsConfig, DearrayConfig, ImageChecks, SplitConfig, TileConfig
 from her2_kedro.io.datasets import LabelTable
 from her2_kedro.tma import ingest
-from her2_kedro.tma.dearray import DearrayParams
-from her2_kedro.tma.qc.images import ImageCheckParams
-from her2_kedro.tma.qc.report import QCProblem, qc_table
-from her2_kedro.tma.splits import assign_splits
+from her2_kedro.tma.qc.report import QCProblem, accepted_reason, qc_table
+from her2_kedro.tma.splits import assign_manifest_splits
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ["source", "core_id", "reason"]
-
-
-def _checks(image_checks: dict[str, Any], tiles: dict[str, Any]) -> ImageCheckParams:
-    c = ImageChecks.model_validate(image_checks)
-    t = TileConfig.model_validate(tiles)
-    return ImageCheckParams(
-        max_pixels=c.max_pixels,
-        min_side=c.min_side,
-        tile_size=t.tile_size,
-        background_grey=t.background_grey,
-        min_tile_tissue=t.min_tissue,
-    )
+NOTE_COLUMNS = ["core_id", "note"]
 
 
 def _problem_frame(problems: list[QCProblem]) -> pd.DataFrame:
@@ -47,7 +34,11 @@ def ingest_core_folder(
 ) -> tuple[pd.DataFrame, pd.DataFrame, ingest.Payloads]:
     """Accepted cores of the cores folder, their problems, and lazy writers of their images."""
     result = ingest.ingest_core_folder(
-        core_files, labels.frame, labels.error, _checks(image_checks, tiles)
+        core_files,
+        labels.frame,
+        labels.error,
+        ImageChecks.model_validate(image_checks),
+        TileConfig.model_validate(tiles),
     )
     return result.records, _problem_frame(result.problems), result.payloads
 
@@ -60,39 +51,51 @@ def ingest_slides(
     tiles: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, ingest.Payloads]:
     """Dearrayed, labelled and QC'd cores of the whole slides, their problems and their images."""
-    d = DearrayConfig.model_validate(dearray_config)
-    grid = d.model_dump(exclude={"jpeg_quality", "max_slide_pixels"})
-    if grid["column_labels"] is not None:
-        grid["column_labels"] = tuple(grid["column_labels"])
-    checks = _checks(image_checks, tiles)
-    dearray = DearrayParams(**grid, background_grey=checks.background_grey)
     result = ingest.ingest_slides(
         slide_files,
         slide_map.frame,
         slide_map.error,
-        dearray,
-        checks,
-        jpeg_quality=d.jpeg_quality,
-        max_slide_pixels=d.max_slide_pixels,
+        DearrayConfig.model_validate(dearray_config),
+        ImageChecks.model_validate(image_checks),
+        TileConfig.model_validate(tiles),
     )
     return result.records, _problem_frame(result.problems), result.payloads
 
 
 def build_manifest(
-    folder_records: pd.DataFrame, slide_records: pd.DataFrame, splits: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merge both sources, drop duplicates, and split by patient (given splits honoured)."""
+    folder_records: pd.DataFrame,
+    slide_records: pd.DataFrame,
+    splits: dict[str, Any],
+    cohorts: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Merge both sources, drop duplicates, split by patient; evaluation-only cohorts get ``external``.
+
+    Returns the manifest, its problems, and the notes (conversions, split overrides) that the QC
+    report shows on accepted rows.
+    """
     p = SplitConfig.model_validate(splits)
+    c = CohortsConfig.model_validate(cohorts)
     merged, problems = ingest.merge_sources(
         ingest.SourceResult(folder_records), ingest.SourceResult(slide_records)
     )
     if merged.empty:
-        return merged, _problem_frame(problems)
-    split, split_problems = assign_splits(merged, fractions=p.fractions, seed=p.seed)
+        return merged.drop(columns=ingest.NOTE_COLUMN), _problem_frame(problems), _notes({})
+    split, split_problems, split_notes = assign_manifest_splits(
+        merged, fractions=p.fractions, seed=p.seed, evaluation_only=c.evaluation_only
+    )
     merged = merged.assign(split=split)
-    rejected = merged["split"].isna()
     problems.extend(split_problems)
-    return merged[~rejected].reset_index(drop=True), _problem_frame(problems)
+    kept = merged[merged["split"].notna()].reset_index(drop=True)
+    notes = {
+        core_id: "; ".join(filter(None, [str(note or ""), split_notes.get(core_id, "")]))
+        for core_id, note in zip(kept["core_id"], kept[ingest.NOTE_COLUMN], strict=True)
+    }
+    return kept.drop(columns=ingest.NOTE_COLUMN), _problem_frame(problems), _notes(notes)
+
+
+def _notes(notes: dict[str, str]) -> pd.DataFrame:
+    rows = [(core_id, note) for core_id, note in notes.items() if note]
+    return pd.DataFrame(rows, columns=NOTE_COLUMNS)
 
 
 def build_qc_report(
@@ -100,14 +103,23 @@ def build_qc_report(
     folder_problems: pd.DataFrame,
     slide_problems: pd.DataFrame,
     manifest_problems: pd.DataFrame,
+    accepted_notes: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per input problem and per accepted core (the latest report and its versioned copy)."""
+    """One row per input problem and per accepted core (the latest report and its versioned copy).
+
+    An accepted core's reason is ``ok``, or ``ok (<note>)`` when it was converted (grey, palette,
+    RGBA, CMYK, 16-bit) or its split was overridden.
+    """
     problems = [
         QCProblem(r.source, r.core_id, r.reason)
         for frame in (folder_problems, slide_problems, manifest_problems)
         for r in frame.itertuples(index=False)
     ]
-    accepted = [(r.source, r.core_id, "ok") for r in manifest.itertuples(index=False)]
+    notes = dict(zip(accepted_notes["core_id"], accepted_notes["note"], strict=True))
+    accepted = [
+        (r.source, r.core_id, accepted_reason(notes.get(r.core_id, "")))
+        for r in manifest.itertuples(index=False)
+    ]
     report = qc_table(problems, accepted)
     n_rejected = int((report["status"] == "rejected").sum())
     logger.info("QC: %d cores accepted, %d problems reported.", len(manifest), n_rejected)

@@ -34,13 +34,24 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.build_manifest,
-                inputs=["folder_records", "slide_records", "params:ingestion.splits"],
-                outputs=["core_manifest", "manifest_problems"],
+                inputs=[
+                    "folder_records",
+                    "slide_records",
+                    "params:ingestion.splits",
+                    "params:cohorts",
+                ],
+                outputs=["core_manifest", "manifest_problems", "accepted_notes"],
                 name="build_manifest",
             ),
             Node(
                 nodes.build_qc_report,
-                inputs=["core_manifest", "folder_problems", "slide_problems", "manifest_problems"],
+                inputs=[
+                    "core_manifest",
+                    "folder_problems",
+                    "slide_problems",
+                    "manifest_problems",
+                    "accepted_notes",
+                ],
                 outputs=["qc_report", "qc_report_history"],
                 name="build_qc_report",
             ),

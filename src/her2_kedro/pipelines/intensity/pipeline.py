@@ -1,14 +1,13 @@
 """Intensity study: one modular pipeline, namespaced per feature set (model) and task."""
 
 import warnings
+from typing import Any
 
 from kedro.pipeline import Node, Pipeline
 
+from her2_kedro.config import IntensityStudyParams, ParameterError
+from her2_kedro.config.project import project_parameters
 from her2_kedro.pipelines.intensity import nodes
-
-MODELS = ("intensity", "intensity_plus")
-TASKS = ("ihc_score", "her2_status")
-FEATURES = {"intensity": "intensity_features", "intensity_plus": "intensity_plus_features"}
 
 
 def study_template() -> Pipeline:
@@ -43,13 +42,27 @@ def study_template() -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    """Four namespaced instances (intensity, intensity_plus × ihc_score, her2_status) and the reports."""
+def declared_study(parameters: dict[str, Any] | None = None) -> IntensityStudyParams:
+    """The study's models and tasks as ``parameters_intensity.yml`` declares them."""
+    if parameters is None:
+        parameters = project_parameters()
+    if "intensity_study" not in parameters:
+        raise ParameterError(
+            "No intensity_study section found in conf/ (parameters_intensity.yml): the intensity "
+            "pipeline builds its models and tasks from it"
+        )
+    return IntensityStudyParams.model_validate(parameters["intensity_study"])
+
+
+def create_pipeline(study: IntensityStudyParams | None = None, **kwargs) -> Pipeline:
+    """One namespace ``<model>.<task>`` per declared model and task, then the shared reports."""
+    study = study or declared_study()
+    names = [f"{model}.{task}" for model in study.models for task in study.tasks]
     studies = [
         Pipeline(
             study_template(),
             namespace=f"{model}.{task}",
-            inputs={"core_manifest": "core_manifest", "features": FEATURES[model]},
+            inputs={"core_manifest": "core_manifest", "features": config.features_table},
             parameters={
                 "params:task": f"params:intensity_study.tasks.{task}",
                 "params:model": f"params:intensity_study.models.{model}",
@@ -57,10 +70,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "params:cohorts": "params:cohorts",
             },
         )
-        for model in MODELS
-        for task in TASKS
+        for model, config in study.models.items()
+        for task in study.tasks
     ]
-    names = [f"{model}.{task}" for model in MODELS for task in TASKS]
     with warnings.catch_warnings():
         # the report node reads the namespaced outputs by their full, dotted names on purpose
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")

@@ -15,8 +15,8 @@ from her2_kedro.config import SyntheticParams
 from her2_kedro.io.datasets import SyntheticCohort
 from her2_kedro.synthetic import GENERATOR_VERSION
 from her2_kedro.synthetic.cohort import core_spec_from_row, render_cohort, sample_cohort
+from her2_kedro.synthetic.render import render_core
 from her2_kedro.synthetic.slide import SlideSpec, slide_layout, write_synthetic_slide
-from her2_kedro.synthetic.tissue import render_core
 
 LABEL_COLUMNS = ["filename", "ihc-score", "her2-status", "patient_id", "cohort"]
 SLIDE_MAP_COLUMNS = ["slide", "core", "ihc-score", "her2-status", "patient_id", "cohort"]

@@ -8,7 +8,6 @@ small, blank) or, for accepted images, notes any conversion that happened.
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -19,34 +18,28 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from her2_kedro.imaging.pixels import BACKGROUND_GREY, GREY_WEIGHTS
+from her2_kedro.config.ingestion import ImageChecks
+from her2_kedro.config.shared import TileConfig
+from her2_kedro.imaging.pixels import (
+    composite_on_white,
+    decode_png16,
+    has_tissue_tile,
+    is_png16_colour,
+    to_rgb_uint8,
+    to_uint8,
+)
+
+__all__ = ["ALLOWED_FORMATS", "CheckedImage", "check_image", "content_hash", "has_tissue_tile"]
+
+#: Image formats accepted as core files.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF")
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # PIL reports some JPEGs (multi-picture, e.g. from cameras) as MPO; they are JPEG streams.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-# Integer form of the grey rule: 10000 * grey = 2989 R + 5870 G + 1140 B (exact for uint8 input).
-_INT_WEIGHTS = tuple(int(round(float(w) * 10000)) for w in GREY_WEIGHTS)
 _TRUNCATION_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class ImageCheckParams:
-    """Limits for accepting a core image.
-
-    `max_pixels` guards against decompression bombs (width x height, read from the header before
-    decoding); `min_side` rejects images smaller than one tile; a core is blank (rejected) when no
-    `tile_size` tile on the (0, 0)-anchored grid has foreground fraction > `min_tile_tissue`,
-    foreground being grey <= `background_grey` (the authors' rule).
-    """
-
-    max_pixels: int = 100_000_000
-    min_side: int = 224
-    tile_size: int = 224
-    background_grey: float = BACKGROUND_GREY
-    min_tile_tissue: float = 0.05
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "TIFF")
 
 
 @dataclass
@@ -101,78 +94,8 @@ def content_hash(rgb: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _foreground_int(strip: np.ndarray, background_grey: float) -> np.ndarray:
-    """Foreground mask of a uint8 RGB block with integer arithmetic (grey <= background_grey)."""
-    limit = math.floor(background_grey * 10000 + 1e-6)
-    wr, wg, wb = _INT_WEIGHTS
-    acc = strip[..., 0].astype(np.uint32)
-    acc *= wr
-    tmp = strip[..., 1].astype(np.uint32)
-    tmp *= wg
-    acc += tmp
-    np.multiply(strip[..., 2], wb, out=tmp, dtype=np.uint32)
-    acc += tmp
-    return acc <= limit
-
-
-def has_tissue_tile(
-    rgb: np.ndarray,
-    tile_size: int = 224,
-    background_grey: float = BACKGROUND_GREY,
-    min_tile_tissue: float = 0.05,
-) -> bool:
-    """True when at least one full tile of the (0, 0) grid has foreground fraction > min_tile_tissue.
-
-    Cheap: scans strips of tile rows from the image centre outwards and stops at the first kept
-    tile, using integer arithmetic on uint8 (no full-size float temporaries).
-    """
-    h, w = rgb.shape[:2]
-    n_rows, n_cols = h // tile_size, w // tile_size
-    if n_rows == 0 or n_cols == 0:
-        return False
-    needed = min_tile_tissue * tile_size * tile_size  # kept where count > needed
-    centre = (n_rows - 1) / 2
-    for r in sorted(range(n_rows), key=lambda i: (abs(i - centre), i)):
-        strip = rgb[r * tile_size : (r + 1) * tile_size, : n_cols * tile_size]
-        fg = _foreground_int(strip, background_grey)
-        counts = fg.reshape(tile_size, n_cols, tile_size).sum(axis=(0, 2))
-        if bool((counts > needed).any()):
-            return True
-    return False
-
-
 def _grey_to_rgb(grey8: np.ndarray) -> np.ndarray:
     return np.repeat(grey8[:, :, None], 3, axis=2)
-
-
-def _scale_uint16(arr: np.ndarray) -> np.ndarray:
-    """16-bit -> 8-bit by dividing by 257 (65535 -> 255), rounded."""
-    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-
-
-def _scale_float(arr: np.ndarray) -> tuple[np.ndarray, str]:
-    """Float pixels -> uint8: [0, 1] times 255, [0, 255] as is, otherwise min-max stretched."""
-    arr = np.asarray(arr, dtype=np.float64)
-    finite = np.isfinite(arr)
-    if not finite.any():
-        raise _Rejected("unusable float image: no finite pixel values")
-    arr = np.where(finite, arr, 0.0)
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return np.rint(arr * 255.0).astype(np.uint8), "float in [0, 1] scaled by 255"
-    if lo >= 0.0 and hi <= 255.0:
-        return np.rint(arr).astype(np.uint8), "float in [0, 255] rounded"
-    if hi == lo:
-        return np.zeros(arr.shape, np.uint8), f"constant float image ({lo:g}) mapped to 0"
-    out = np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    return out, f"float range [{lo:g}, {hi:g}] min-max stretched to 0..255"
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
 
 
 def _pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
@@ -186,30 +109,19 @@ def _pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
         ), f"converted from {'1-bit' if mode == '1' else '8-bit'} grayscale ({mode})"
     if mode == "P":
         if "transparency" in im.info:
-            return _composite_on_white(
+            return composite_on_white(
                 np.asarray(im.convert("RGBA"))
             ), "converted from palette (P) with transparency composited on white"
         return np.asarray(im.convert("RGB")), "converted from palette (P)"
     if mode in _ALPHA_MODES:
         rgba = np.asarray(im.convert("RGBA"))
-        return _composite_on_white(rgba), f"converted from {mode} (alpha composited on white)"
-    if mode in _GREY16_MODES:
-        arr = np.asarray(im)
-        return _grey_to_rgb(_scale_uint16(arr)), "converted from 16-bit grayscale"
-    if mode == "I":
-        arr = np.asarray(im)
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo >= 0 and hi <= 255:
-            return _grey_to_rgb(
-                arr.astype(np.uint8)
-            ), "converted from 32-bit integer grayscale (values within 0..255 kept)"
-        if lo >= 0 and hi <= 65535:
-            return _grey_to_rgb(_scale_uint16(arr)), "converted from 16-bit grayscale (I)"
-        grey8, note = _scale_float(arr)
-        return _grey_to_rgb(grey8), f"converted from 32-bit integer grayscale ({note})"
-    if mode == "F":
-        grey8, note = _scale_float(np.asarray(im))
-        return _grey_to_rgb(grey8), f"converted from float grayscale ({note})"
+        return composite_on_white(rgba), f"converted from {mode} (alpha composited on white)"
+    if mode in _GREY16_MODES or mode in ("I", "F"):
+        try:
+            grey8, how = to_uint8(np.asarray(im))
+        except ValueError as exc:
+            raise _Rejected(str(exc)) from exc
+        return _grey_to_rgb(grey8), f"converted from {mode} grayscale ({how})"
     if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(im.convert("RGB")), f"converted from {mode}"
     try:
@@ -230,7 +142,9 @@ def _tiff_bits(im: Image.Image) -> tuple[int, int]:
     return bits_max, fmt_max
 
 
-def _tiff_with_tifffile(data: bytes, params: ImageCheckParams) -> tuple[np.ndarray, str, int]:
+def _tiff_with_tifffile(
+    data: bytes, checks: ImageChecks, tiles: TileConfig
+) -> tuple[np.ndarray, str, int]:
     """Read the first page of a TIFF with tifffile (high bit depth, float); returns (rgb, note, pages)."""
     import tifffile
 
@@ -241,11 +155,7 @@ def _tiff_with_tifffile(data: bytes, params: ImageCheckParams) -> tuple[np.ndarr
             shape = page.shape
             axes = page.axes
             dims = {ax: n for ax, n in zip(axes, shape, strict=False)}
-            h, w = dims.get("Y", 0), dims.get("X", 0)
-            if h * w > params.max_pixels:
-                raise _Rejected(_bomb_reason(w, h, params))
-            if min(w, h) < params.min_side:
-                raise _Rejected(_small_reason(w, h, params))
+            _check_size(dims.get("X", 0), dims.get("Y", 0), checks, tiles)
             arr = page.asarray()
     except _Rejected:
         raise
@@ -258,97 +168,98 @@ def _tiff_with_tifffile(data: bytes, params: ImageCheckParams) -> tuple[np.ndarr
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise _Rejected(f"unsupported TIFF layout: axes {axes!r}, shape {tuple(shape)}")
-    bits = f"{arr.dtype.itemsize * 8}-bit"
-    if arr.dtype == np.uint8:
-        arr8, how = arr, "8-bit"
-    elif arr.dtype == np.uint16:
-        arr8, how = _scale_uint16(arr), "16-bit scaled by 1/257"
-    elif arr.dtype.kind == "f":
-        arr8, note = _scale_float(arr)
-        how = f"{bits} float, {note}"
-    elif arr.dtype.kind in "ui":
-        arr8, note = _scale_float(arr.astype(np.float64))
-        how = f"{bits} integer, {note}"
-    else:
-        raise _Rejected(f"unsupported TIFF sample type {arr.dtype}")
-    channels = arr8.shape[2]
-    if channels == 1:
-        return _grey_to_rgb(arr8[:, :, 0]), f"converted from {how} grayscale TIFF", pages
-    if channels == 2:
-        la = np.concatenate([np.repeat(arr8[:, :, :1], 3, axis=2), arr8[:, :, 1:2]], axis=2)
-        return _composite_on_white(la), f"converted from {how} grayscale+alpha TIFF", pages
-    if channels == 3:
-        return np.ascontiguousarray(arr8), f"converted from {how} RGB TIFF", pages
-    if channels == 4:
-        return (
-            _composite_on_white(arr8),
-            f"converted from {how} RGBA TIFF (alpha composited on white)",
-            pages,
+    try:
+        arr8, how = to_uint8(arr)
+    except ValueError as exc:
+        raise _Rejected(f"unsupported TIFF samples: {exc}") from exc
+    how = how or "8-bit"
+    kind = {1: "grayscale", 2: "grayscale+alpha", 3: "RGB", 4: "RGBA"}.get(arr8.shape[2])
+    if kind is None:
+        raise _Rejected(f"unsupported TIFF with {arr8.shape[2]} samples per pixel")
+    alpha = " (alpha composited on white)" if arr8.shape[2] == 4 else ""
+    return to_rgb_uint8(arr8), f"converted from {how} {kind} TIFF{alpha}", pages
+
+
+def _check_size(w: int, h: int, checks: ImageChecks, tiles: TileConfig) -> None:
+    """Reject pixel-count bombs (from the header, before decoding) and images below one tile."""
+    if w * h > checks.max_pixels:
+        raise _Rejected(
+            f"pixel count {w}x{h} = {w * h} exceeds the limit of {checks.max_pixels} pixels "
+            "(decompression-bomb guard; not decoded)"
         )
-    raise _Rejected(f"unsupported TIFF with {channels} samples per pixel")
+    if min(w, h) < checks.min_side:
+        raise _Rejected(_small_reason(w, h, checks, tiles))
 
 
-def _bomb_reason(w: int, h: int, params: ImageCheckParams) -> str:
+def _small_reason(w: int, h: int, checks: ImageChecks, tiles: TileConfig) -> str:
     return (
-        f"pixel count {w}x{h} = {w * h} exceeds the limit of {params.max_pixels} pixels "
-        "(decompression-bomb guard; not decoded)"
+        f"too small: {w}x{h} px, a side is below {checks.min_side} px "
+        f"(less than one {tiles.tile_size} px tile)"
     )
 
 
-def _small_reason(w: int, h: int, params: ImageCheckParams) -> str:
-    return f"too small: {w}x{h} px, a side is below {params.min_side} px (less than one {params.tile_size} px tile)"
+def _jpeg_strict_check(data: bytes) -> None:
+    """Reject a JPEG whose entropy-coded data the decoder had to repair (libjpeg warnings).
+
+    PIL decodes corrupt scans (bit flips mid-stream) with only a libjpeg warning it never shows.
+    simplejpeg turns warnings into errors; the scan is decoded at 1/8 scale (every Huffman code
+    is still read, the inverse DCT of 1/64 of the pixels only), which costs a fraction of the
+    full decode. Files simplejpeg cannot read at all (PIL could) are left to PIL's verdict.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, min_factor=8, min_width=1, min_height=1, strict=True)
+        return
+    except ValueError as strict_error:
+        warning = str(strict_error)
+    try:  # the same decode, tolerant: succeeds only when the strict failure was a warning
+        simplejpeg.decode_jpeg(data, min_factor=8, min_width=1, min_height=1, strict=False)
+    except ValueError:
+        return
+    raise _Rejected(f"corrupt JPEG data (decoder warning: {_short(ValueError(warning))})")
 
 
-def _decode(data: bytes, params: ImageCheckParams) -> tuple[np.ndarray, str, str, bool]:
-    """Open, verify and fully decode; returns (rgb, format, note, converted) or raises _Rejected."""
+def _decode_png16(data: bytes) -> tuple[np.ndarray, str]:
+    try:
+        rgb = decode_png16(data)
+    except Exception as exc:  # noqa: BLE001
+        raise _Rejected(f"truncated or corrupt image: {_short(exc)}") from exc
+    return rgb, "converted from 16-bit colour PNG (scaled by 1/257)"
+
+
+def _open(data: bytes, checks: ImageChecks, tiles: TileConfig) -> Image.Image | tuple:
+    """PIL image of the bytes, or the finished decode of a TIFF only tifffile can read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(BytesIO(data))
+            return Image.open(BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise _Rejected(
             f"pixel count exceeds the decompression-bomb limit (not decoded): {_short(exc)}"
         ) from exc
     except UnidentifiedImageError as exc:
-        if data[:4] in _TIFF_MAGIC and "TIFF" in params.allowed_formats:
-            rgb, note, pages = _tiff_with_tifffile(data, params)
-            if pages > 1:
-                note += f"; multi-frame file: first of {pages} frames used"
-            return rgb, "TIFF", note, True
+        if data[:4] in _TIFF_MAGIC:
+            return _tiff_decoded(data, checks, tiles)
         raise _Rejected("not an image: content is not a recognised image format") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
         raise _Rejected(f"not an image or corrupt header: {_short(exc)}") from exc
 
-    fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "unknown")
-    if fmt not in params.allowed_formats:
-        raise _Rejected(
-            f"unsupported image format {fmt} (allowed: {', '.join(params.allowed_formats)})"
-        )
-    w, h = im.size
-    if w * h > params.max_pixels:
-        raise _Rejected(_bomb_reason(w, h, params))
-    if min(w, h) < params.min_side:
-        raise _Rejected(_small_reason(w, h, params))
 
-    if fmt == "TIFF":
-        bits, sample_format = _tiff_bits(im)
-        high_depth = bits > 8 and im.mode not in _GREY16_MODES + ("I", "F")
-        if high_depth or (sample_format == 3 and im.mode != "F"):
-            # PIL drops the low byte of 16-bit RGB(A) silently; read those with tifffile.
-            rgb, note, pages = _tiff_with_tifffile(data, params)
-            if pages > 1:
-                note += f"; multi-frame file: first of {pages} frames used"
-            return rgb, fmt, note, True
+def _tiff_decoded(
+    data: bytes, checks: ImageChecks, tiles: TileConfig
+) -> tuple[np.ndarray, str, str, bool]:
+    rgb, note, pages = _tiff_with_tifffile(data, checks, tiles)
+    if pages > 1:
+        note += f"; multi-frame file: first of {pages} frames used"
+    return rgb, "TIFF", note, True
 
-    if fmt == "PNG":
-        iend = data.rfind(b"IEND")
-        if iend < 0 or iend + 8 > len(data):
-            raise _Rejected("truncated or corrupt image: PNG ends before its IEND chunk")
 
-    n_frames = int(getattr(im, "n_frames", 1) or 1)
+def _load_verified(data: bytes, n_frames: int) -> Image.Image:
+    """Verify, then fully decode (first frame) with truncated data treated as an error."""
     with _strict_decoding():
         try:
-            im.verify()
+            Image.open(BytesIO(data)).verify()
         except Exception as exc:  # noqa: BLE001
             raise _Rejected(f"truncated or corrupt image (verify failed): {_short(exc)}") from exc
         try:
@@ -364,38 +275,74 @@ def _decode(data: bytes, params: ImageCheckParams) -> tuple[np.ndarray, str, str
             ) from exc
         except Exception as exc:  # noqa: BLE001
             raise _Rejected(f"truncated or corrupt image: {_short(exc)}") from exc
+    return im
+
+
+def _join(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _decode(
+    data: bytes, checks: ImageChecks, tiles: TileConfig
+) -> tuple[np.ndarray, str, str, bool]:
+    """Open, verify and fully decode; returns (rgb, format, note, converted) or raises _Rejected."""
+    im = _open(data, checks, tiles)
+    if isinstance(im, tuple):
+        return im
+    fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "unknown")
+    if fmt not in ALLOWED_FORMATS:
+        raise _Rejected(f"unsupported image format {fmt} (allowed: {', '.join(ALLOWED_FORMATS)})")
+    _check_size(*im.size, checks, tiles)
+    if fmt == "TIFF":
+        bits, sample_format = _tiff_bits(im)
+        high_depth = bits > 8 and im.mode not in _GREY16_MODES + ("I", "F")
+        if high_depth or (sample_format == 3 and im.mode != "F"):
+            # PIL drops the low byte of 16-bit RGB(A) silently; read those with tifffile.
+            rgb, _, note, _ = _tiff_decoded(data, checks, tiles)
+            return rgb, fmt, note, True
+    if fmt == "PNG":
+        iend = data.rfind(b"IEND")
+        if iend < 0 or iend + 8 > len(data):
+            raise _Rejected("truncated or corrupt image: PNG ends before its IEND chunk")
+    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    im = _load_verified(data, n_frames)
+    if fmt == "JPEG":
+        _jpeg_strict_check(data)
+    png16 = fmt == "PNG" and is_png16_colour(data[:32])
     try:
-        rgb, note = _pil_to_rgb(im)
+        rgb, note = _decode_png16(data) if png16 else _pil_to_rgb(im)
     except _Rejected:
         raise
     except Exception as exc:  # noqa: BLE001
         raise _Rejected(f"cannot convert pixel mode {im.mode!r} to RGB: {_short(exc)}") from exc
-    converted = im.mode != "RGB"
-    if fmt == "PNG" and len(data) > 24 and data[24] == 16 and im.mode in ("RGB", "RGBA"):
-        # PIL keeps the high byte of 16-bit colour PNGs; the original bytes are not 8-bit.
-        note = (note + "; " if note else "") + "converted from 16-bit colour PNG (high byte kept)"
-        converted = True
+    converted = im.mode != "RGB" or png16
     if n_frames > 1:
-        note = (note + "; " if note else "") + f"multi-frame file: first of {n_frames} frames used"
+        note = _join(note, f"multi-frame file: first of {n_frames} frames used")
         converted = True
     return rgb, fmt, note, converted
 
 
 def check_image(
-    data: bytes, name: str, params: ImageCheckParams = ImageCheckParams()
+    data: bytes,
+    name: str,
+    checks: ImageChecks | None = None,
+    tiles: TileConfig | None = None,
 ) -> CheckedImage:
     """Decode-verify one image file's bytes and normalise it to uint8 RGB; never raises for bad input.
 
-    `name` is only used for context in messages; the caller records it as the QC row's core id.
+    `checks` sets the size limits, `tiles` the blank-core rule (no tile with more than
+    `min_tissue` tissue). `name` is only context; the caller records it as the QC row's core id.
     """
     del name  # the QC row carries the file name; reasons name the problem
+    checks = checks or ImageChecks()
+    tiles = tiles or TileConfig()
     if not data:
         return CheckedImage(ok=False, reason="empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # PIL warns on corrupt EXIF etc.; the outcome is reported through `reason` instead.
             warnings.simplefilter("ignore")
-            rgb, fmt, note, converted = _decode(data, params)
+            rgb, fmt, note, converted = _decode(data, checks, tiles)
     except _Rejected as rej:
         return CheckedImage(ok=False, reason=str(rej))
     except MemoryError:
@@ -409,14 +356,13 @@ def check_image(
             height=h,
             format=fmt,
         )
-    if min(w, h) < params.min_side:  # frames of a multi-frame file may differ in size
-        return CheckedImage(
-            ok=False, reason=_small_reason(w, h, params), width=w, height=h, format=fmt
-        )
-    if not has_tissue_tile(rgb, params.tile_size, params.background_grey, params.min_tile_tissue):
+    if min(w, h) < checks.min_side:  # frames of a multi-frame file may differ in size
+        reason = _small_reason(w, h, checks, tiles)
+        return CheckedImage(ok=False, reason=reason, width=w, height=h, format=fmt)
+    if not has_tissue_tile(rgb, tiles.tile_size, tiles.background_grey, tiles.min_tissue):
         reason = (
-            f"blank core: no tissue (no {params.tile_size} px tile has more than "
-            f"{params.min_tile_tissue:.0%} foreground)"
+            f"blank core: no tissue (no {tiles.tile_size} px tile has more than "
+            f"{tiles.min_tissue:.0%} foreground)"
         )
         return CheckedImage(ok=False, reason=reason, width=w, height=h, format=fmt)
     return CheckedImage(

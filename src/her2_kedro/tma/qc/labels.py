@@ -1,4 +1,4 @@
-"""Validate the paper's label table (labels.csv) and the slide map (slide_map.csv).
+"""Validate the paper's label table (labels.csv); the row checks shared with slide_map.csv.
 
 Every bad row becomes one `QCProblem` naming the file/core and the problem; every other row goes
 on. File names are checked purely lexically: a name that could resolve outside the cores folder is
@@ -18,7 +18,6 @@ from her2_kedro.schema import DEFAULT_COHORT, SPLITS, QCProblem
 
 LABEL_COLUMNS = ["ihc_score", "her2_status", "five_class", "patient_id", "split", "cohort"]
 LABELS_OUTPUT_COLUMNS = ["filename", *LABEL_COLUMNS]
-SLIDE_MAP_OUTPUT_COLUMNS = ["core_id", "slide", "core", *LABEL_COLUMNS]
 
 # Header spellings accepted (after strip + lower) for the paper's column names.
 _HEADER_ALIASES = {
@@ -42,8 +41,6 @@ _STATUS_WORDS = {
     "positive": 1,
 }
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
-_CORE_RE = re.compile(r"^([A-Z]+)-(\d+)$")
-_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif")
 
 
 def five_class(score: int, status: int) -> str:
@@ -170,7 +167,12 @@ def _parse_label(
         )
     split = split_raw.lower() or None
     if split is not None and split not in SPLITS:
-        return f"invalid split {split_raw!r} (expected train, val or test)"
+        hint = (
+            "; cores that only evaluate are marked by their cohort (cohorts.evaluation_only)"
+            if split == "external"
+            else ""
+        )
+        return f"invalid split {split_raw!r} (expected train, val or test{hint})"
     return _Label(
         ihc_score=score,
         her2_status=status,
@@ -209,16 +211,35 @@ def _resolve(
     rows: list[_Row],
     source: str,
     locate: Callable[[_Row], str | None],
-) -> tuple[list[tuple[_Row, _Label]], list[QCProblem]]:
-    """Shared duplicate/conflict handling, then availability (`locate`) and label validity per core."""
+) -> tuple[list[tuple[_Row, _Label]], list[QCProblem], set[str]]:
+    """Per core: availability (`locate`), then each row's own validity, then conflicts among valid rows.
+
+    An invalid row is rejected with its own reason and does not make the core's valid rows
+    "conflicting", so a broken extra row never costs a good core. Returns the kept rows, the
+    problems, and the keys left without a label because of their rows (invalid or conflicting).
+    """
     groups: dict[str, list[_Row]] = {}
     for row in rows:
         groups.setdefault(row.key, []).append(row)
     kept: list[tuple[_Row, _Label]] = []
     problems: list[QCProblem] = []
+    label_rejected: set[str] = set()
     for key, group in groups.items():
-        if len({row.signature for row in group}) > 1:
-            where = ", ".join(str(r.position) for r in group)
+        missing = locate(group[0])
+        if missing is not None:
+            problems.append(QCProblem(source, key, missing))
+            continue
+        valid = [row for row in group if isinstance(row.parsed, _Label)]
+        for row in group:
+            if isinstance(row.parsed, str):
+                where = f" (data row {row.position})" if len(group) > 1 else ""
+                also = f"; the valid row {valid[0].position} is used" if valid else ""
+                problems.append(QCProblem(source, key, f"{row.parsed}{where}{also}"))
+        if not valid:
+            label_rejected.add(key)
+            continue
+        if len({row.signature for row in valid}) > 1:
+            where = ", ".join(str(r.position) for r in valid)
             problems.append(
                 QCProblem(
                     source,
@@ -226,9 +247,10 @@ def _resolve(
                     f"conflicting rows for {key!r} (data rows {where} give different labels); all rejected",
                 )
             )
+            label_rejected.add(key)
             continue
-        first = group[0]
-        for dup in group[1:]:
+        first = valid[0]
+        for dup in valid[1:]:
             problems.append(
                 QCProblem(
                     source,
@@ -236,14 +258,8 @@ def _resolve(
                     f"duplicate row for {key!r} (data row {dup.position} repeats data row {first.position}); kept one",
                 )
             )
-        missing = locate(first)
-        if missing is not None:
-            problems.append(QCProblem(source, key, missing))
-        elif isinstance(first.parsed, str):
-            problems.append(QCProblem(source, key, first.parsed))
-        else:
-            kept.append((first, first.parsed))
-    return kept, problems
+        kept.append((first, first.parsed))  # type: ignore[arg-type]
+    return kept, problems, label_rejected
 
 
 def _label_records(kept: list[tuple[_Row, _Label]]) -> list[dict[str, object]]:
@@ -268,9 +284,28 @@ def _frame(records: list[dict[str, object]], columns: list[str]) -> pd.DataFrame
     return frame.reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class LabelCheck:
+    """Outcome of checking labels.csv: clean rows, problems, and files left unlabelled by bad rows.
+
+    `label_rejected` names files in the cores folder whose every row was invalid or conflicting:
+    the caller still decode-checks them so that their QC row can report an image problem too.
+    """
+
+    clean: pd.DataFrame
+    problems: list[QCProblem]
+    label_rejected: frozenset[str] = frozenset()
+
+
 def validate_labels(
     table: pd.DataFrame, source: str, available: Collection[str]
 ) -> tuple[pd.DataFrame, list[QCProblem]]:
+    """Clean rows and problems of labels.csv (see `check_label_table`)."""
+    check = check_label_table(table, source, available)
+    return check.clean, check.problems
+
+
+def check_label_table(table: pd.DataFrame, source: str, available: Collection[str]) -> LabelCheck:
     """Check labels.csv (read with dtype=str) against the files found in the cores folder.
 
     `available` holds relative POSIX paths. Returns the clean rows (`filename`, `ihc_score`,
@@ -281,14 +316,10 @@ def validate_labels(
     table, dupes = _normalise_headers(table)
     empty = _frame([], LABELS_OUTPUT_COLUMNS)
     if dupes:
-        return empty, [
-            QCProblem(
-                source, "", f"duplicate column(s) {', '.join(map(repr, dupes))}; no rows accepted"
-            )
-        ]
+        return LabelCheck(empty, [_duplicate_columns(source, dupes)])
     missing = _missing_columns(table, ("filename", "ihc-score"), source)
     if missing:
-        return empty, missing
+        return LabelCheck(empty, missing)
 
     available_set = {posixpath.normpath(a) for a in available}
     by_lower: dict[str, str] = {}
@@ -313,7 +344,7 @@ def validate_labels(
         suffix = f" (did you mean {hint!r}? names are case-sensitive)" if hint else ""
         return f"label without file: {row.key!r} is not in the cores folder{suffix}"
 
-    kept, found = _resolve(rows, source, locate)
+    kept, found, label_rejected = _resolve(rows, source, locate)
     problems += found
     named = {row.key for row in rows}
     problems += [
@@ -324,127 +355,10 @@ def validate_labels(
         {"filename": row.key, **rec}
         for (row, _), rec in zip(kept, _label_records(kept), strict=True)
     ]
-    return _frame(records, LABELS_OUTPUT_COLUMNS), problems
+    return LabelCheck(_frame(records, LABELS_OUTPUT_COLUMNS), problems, frozenset(label_rejected))
 
 
-def slide_stem(name: str) -> str:
-    """A slide's id stem: its file name without folder and extension (also `.ome.tif[f]`)."""
-    base = posixpath.basename(name)
-    lower = base.lower()
-    for suffix in _SLIDE_SUFFIXES:
-        if lower.endswith(suffix):
-            return base[: -len(suffix)]
-    return posixpath.splitext(base)[0]
-
-
-def normalise_core_label(label: str) -> str | None:
-    """Grid label like 'a-01' -> 'A-1' (row letters, '-', column number); None when malformed."""
-    match = _CORE_RE.match(label.strip().upper())
-    if not match:
-        return None
-    return f"{match.group(1)}-{int(match.group(2))}"
-
-
-def validate_slide_map(
-    table: pd.DataFrame, source: str, found_core_labels: Mapping[str, Collection[str]]
-) -> tuple[pd.DataFrame, list[QCProblem]]:
-    """Check slide_map.csv (dtype=str) against the cores found by dearraying each slide.
-
-    `found_core_labels` maps slide file name (relative to the slides folder) to its grid labels.
-    Returns clean rows with `core_id = f"{slide_stem}_{core}"`, `slide`, `core` and the label columns
-    (patient_id defaults to the core id: each core its own patient) plus one problem per bad input.
-    """
-    table, dupes = _normalise_headers(table)
-    empty = _frame([], SLIDE_MAP_OUTPUT_COLUMNS)
-    if dupes:
-        return empty, [
-            QCProblem(
-                source, "", f"duplicate column(s) {', '.join(map(repr, dupes))}; no rows accepted"
-            )
-        ]
-    missing = _missing_columns(table, ("slide", "core", "ihc-score"), source)
-    if missing:
-        return empty, missing
-
-    found: dict[str, set[str]] = {}
-    for slide, labels in found_core_labels.items():
-        found[slide] = {
-            n for n in (normalise_core_label(str(lab)) for lab in labels) if n is not None
-        }
-    lookup: dict[str, set[str]] = {}
-    for slide in found:
-        for alias in {slide, posixpath.basename(slide), slide_stem(slide)}:
-            lookup.setdefault(alias, set()).add(slide)
-
-    problems: list[QCProblem] = []
-    rows: list[_Row] = []
-    for position, record in enumerate(table.to_dict("records"), start=1):
-        raw_slide, raw_core = _cell(record.get("slide")), _cell(record.get("core"))
-        slide_name, why = safe_relative_path(raw_slide, "slides")
-        core = normalise_core_label(raw_core)
-        if slide_name is None:
-            reason = (
-                "slide is empty" if raw_slide == "" else str(why).replace("filename", "slide name")
-            )
-            problems.append(
-                QCProblem(source, f"{raw_slide}_{raw_core}", f"{reason} (data row {position})")
-            )
-            continue
-        if core is None:
-            problems.append(
-                QCProblem(
-                    source,
-                    f"{slide_stem(slide_name)}_{raw_core}",
-                    f"invalid core label {raw_core!r} (expected row letters, '-', column number, e.g. 'A-1'; data row {position})",
-                )
-            )
-            continue
-        matches = lookup.get(slide_name, set())
-        slide_key = next(iter(matches)) if len(matches) == 1 else slide_name
-        if len(matches) > 1:
-            slide_key = f"?{slide_name}"  # ambiguous; reported by locate()
-        core_id = f"{slide_stem(slide_key.lstrip('?'))}_{core}"
-        rows.append(
-            _make_row(
-                core_id,
-                position,
-                _label_cells(record),
-                default_patient=core_id,
-                extra=(slide_key, core),
-            )
-        )
-
-    def locate(row: _Row) -> str | None:
-        slide_key, core = row.extra
-        if slide_key.startswith("?"):
-            options = ", ".join(sorted(lookup[slide_key[1:]]))
-            return f"label without core: slide name {slide_key[1:]!r} is ambiguous ({options})"
-        if slide_key not in found:
-            return f"label without core: slide {slide_key!r} not found in the slides folder"
-        if core not in found[slide_key]:
-            return f"label without core: core {core} not found on slide {slide_key!r}"
-        return None
-
-    kept, found_problems = _resolve(rows, source, locate)
-    problems += found_problems
-    labelled = {(row.extra[0], row.extra[1]) for row in rows}
-    for slide in sorted(found):
-        for core in sorted(found[slide], key=_core_sort_key):
-            if (slide, core) not in labelled:
-                problems.append(
-                    QCProblem(
-                        f"slides/{slide}",
-                        f"{slide_stem(slide)}_{core}",
-                        f"core without label: not listed in {source}",
-                    )
-                )
-    records = [
-        {"core_id": row.key, "slide": row.extra[0], "core": row.extra[1], **rec}
-        for (row, _), rec in zip(kept, _label_records(kept), strict=True)
-    ]
-    return _frame(records, SLIDE_MAP_OUTPUT_COLUMNS), problems
-
-
-def _core_sort_key(label: str) -> tuple[int, str, int]:
-    letters, number = label.split("-")
-    return (len(letters), letters, int(number))
+def _duplicate_columns(source: str, dupes: list[str]) -> QCProblem:
+    return QCProblem(
+        source, "", f"duplicate column(s) {', '.join(map(repr, dupes))}; no rows accepted"
+    )

@@ -1,0 +1,173 @@
+"""Checking every node of a fitted grid on the thumbnail's tissue mask (a core-sized matched filter).
+
+Finds cores that blob detection lost or mis-centred -- a touching pair merged into one off-grid
+blob, a core cut by lumens that open onto the glass into pieces each below ``min_area_fraction``,
+a pale core above ``background_grey`` -- centres each core on its punch (not on the centroid of a
+torn rim), folds the pieces of a core back into it instead of reporting them as debris, and
+extends an inferred grid by an edge row/column whose cores were all lost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.signal import fftconvolve
+from scipy.spatial import cKDTree
+
+from her2_kedro.config.ingestion import DearrayConfig
+from her2_kedro.tma.grid import DearrayResult, GridCore, core_box
+from her2_kedro.tma.grid_labels import grid_label
+
+__all__ = ["refine_on_tissue"]
+
+
+class _NodeProbe:
+    """Best core-sized disk near a grid node on the tissue mask (a matched filter).
+
+    The score of a disk position is the tissue fraction inside the disk minus half the tissue
+    fraction of a thin ring just outside it, so it peaks where a core of the fitted diameter
+    sits, however its inside is broken up by lumens or tears, and a touching neighbour (outside
+    the disk) hardly pulls it. The score map is one FFT convolution of the thumbnail-sized mask
+    (float32); positions are searched within ``radius`` of a node.
+    """
+
+    def __init__(self, tissue: np.ndarray, d_t: float, radius: float) -> None:
+        self.tissue = tissue
+        r_in = d_t / 2.0
+        ring = max(1.5, 0.12 * d_t)
+        half = int(math.ceil(r_in + ring))
+        yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+        rr = np.hypot(yy, xx)
+        inner = rr <= r_in
+        outer = (rr > r_in) & (rr <= r_in + ring)
+        kernel = inner / inner.sum() - 0.5 * outer / outer.sum()
+        self.score = fftconvolve(tissue.astype(np.float32), kernel.astype(np.float32), mode="same")
+        self.disk = inner
+        self.half = half
+        self.radius = float(radius)
+        self.eps = 1.0 / (math.pi * max(r_in, 1.0))  # about a one-pixel step of the score
+
+    def fraction(self, r: int, c: int) -> float:
+        """Tissue fraction of the core-sized disk centred on thumbnail pixel (r, c)."""
+        h, w = self.tissue.shape
+        k = self.half
+        ys, ye, xs, xe = max(0, r - k), min(h, r + k + 1), max(0, c - k), min(w, c + k + 1)
+        if ys >= ye or xs >= xe:
+            return 0.0
+        sub = self.tissue[ys:ye, xs:xe]
+        dsk = self.disk[ys - (r - k) : ye - (r - k), xs - (c - k) : xe - (c - k)]
+        return float(np.count_nonzero(sub & dsk)) / float(self.disk.sum())
+
+    def __call__(self, rc: tuple[float, float]) -> tuple[float, float, float] | None:
+        """(tissue fraction, row, col) of the best disk near thumbnail position rc, or None."""
+        h, w = self.tissue.shape
+        rad = self.radius
+        ys, ye = max(0, int(math.floor(rc[0] - rad))), min(h, int(math.ceil(rc[0] + rad)) + 1)
+        xs, xe = max(0, int(math.floor(rc[1] - rad))), min(w, int(math.ceil(rc[1] + rad)) + 1)
+        if ys >= ye or xs >= xe:
+            return None
+        rows = np.arange(ys, ye, dtype=np.float64)[:, None]
+        cols = np.arange(xs, xe, dtype=np.float64)[None, :]
+        dist = np.hypot(rows - rc[0], cols - rc[1])
+        within = dist <= rad
+        if not within.any():
+            return None
+        score = np.where(within, self.score[ys:ye, xs:xe] - 0.02 * dist / max(rad, 1.0), -np.inf)
+        best = np.unravel_index(int(np.argmax(score)), score.shape)
+        plateau, _ = ndi.label(score >= score[best] - self.eps)
+        sel = plateau == plateau[best]
+        wts = score[sel] - (score[best] - self.eps) + 1e-9
+        r = float(np.average(np.broadcast_to(rows, sel.shape)[sel], weights=wts))
+        c = float(np.average(np.broadcast_to(cols, sel.shape)[sel], weights=wts))
+        return self.fraction(int(best[0]) + ys, int(best[1]) + xs), r, c
+
+
+def refine_on_tissue(
+    result: DearrayResult, tissue: np.ndarray | None, downsample: float, params: DearrayConfig
+) -> DearrayResult:
+    """Check every node of the fitted grid on the tissue mask and centre its core there.
+
+    A node whose best core-sized disk holds at least ``min_area_fraction`` tissue has a core,
+    centred on that disk, even when blob detection lost it (a touching pair merged into one
+    blob, a core broken by lumens into pieces each too small, a pale core); its pieces are
+    dropped from the rejected list. Nodes with a blob but no such disk keep the blob. When the
+    grid size is inferred, a row or column just outside the grid holding cores extends it.
+    """
+    if tissue is None or not result.cores or downsample <= 0:
+        return result
+    ds = float(downsample)
+    d_t = result.diameter_px / ds
+    px = result.pitch_x_px or result.pitch_px
+    py = result.pitch_y_px or result.pitch_px
+    if d_t < 4 or px <= 0 or py <= 0:
+        return result
+    th = math.radians(result.rotation_deg)
+    c, s = math.cos(th), math.sin(th)
+    pts = np.array([(k.cx, k.cy) for k in result.cores], dtype=np.float64)
+    rows = np.array([k.row for k in result.cores], dtype=np.float64)
+    cols = np.array([k.col for k in result.cores], dtype=np.float64)
+    au = float(np.median(pts[:, 0] * c + pts[:, 1] * s - cols * px))
+    av = float(np.median(-pts[:, 0] * s + pts[:, 1] * c - rows * py))
+    probe = _NodeProbe(tissue, d_t, params.max_offgrid * min(px, py) / ds)
+    blob = {(k.row, k.col): k for k in result.cores}
+    cache: dict[tuple[int, int], tuple[float, float] | None] = {}
+
+    def node(i: int, j: int) -> tuple[float, float] | None:
+        """Level-0 centre of the core on node (i, j) (lattice indices), or None."""
+        if (i, j) not in cache:
+            u, v = au + j * px, av + i * py
+            x, y = u * c - v * s, u * s + v * c
+            found = probe((y / ds - 0.5, x / ds - 0.5))
+            if found is not None and found[0] >= params.min_area_fraction:
+                cache[(i, j)] = ((found[2] + 0.5) * ds, (found[1] + 0.5) * ds)
+            elif (i, j) in blob:
+                cache[(i, j)] = (blob[(i, j)].cx, blob[(i, j)].cy)
+            else:
+                cache[(i, j)] = None
+        return cache[(i, j)]
+
+    r0, r1, c0, c1 = 0, result.n_rows, 0, result.n_cols
+    grew = True
+    while grew and (r1 - r0) * (c1 - c0) < 10_000:
+        grew = False
+        if params.n_rows is None:
+            if any(node(r0 - 1, j) for j in range(c0, c1)):
+                r0, grew = r0 - 1, True
+            if any(node(r1, j) for j in range(c0, c1)):
+                r1, grew = r1 + 1, True
+        if params.n_cols is None:
+            if any(node(i, c0 - 1) for i in range(r0, r1)):
+                c0, grew = c0 - 1, True
+            if any(node(i, c1) for i in range(r0, r1)):
+                c1, grew = c1 + 1, True
+    n_rows, n_cols = r1 - r0, c1 - c0
+    cores: list[GridCore] = []
+    missing: list[str] = []
+    for i in range(r0, r1):
+        for j in range(c0, c1):
+            xy = node(i, j)
+            lab = grid_label(i - r0, j - c0, params)
+            if xy is None:
+                missing.append(lab)
+            else:
+                cores.append(
+                    GridCore(lab, i - r0, j - c0, float(xy[0]), float(xy[1]), result.diameter_px)
+                )
+    if cores:
+        centres = cKDTree(np.array([(k.cx, k.cy) for k in cores]))
+        boxes = [core_box(k, params) for k in cores]
+        rejected = []
+        for reason, x, y in result.rejected:
+            dist, _ = centres.query((x, y))
+            near = reason in ("debris", "duplicate", "off-grid") and dist < 0.6 * result.diameter_px
+            boxed = any(bx <= x < bx + side and by <= y < by + side for bx, by, side in boxes)
+            if near or boxed:
+                continue  # a piece of a found core: it lies in that core's extracted image
+            rejected.append((reason, x, y))
+    else:
+        rejected = list(result.rejected)
+    result.cores, result.missing, result.rejected = cores, missing, rejected
+    result.n_rows, result.n_cols = n_rows, n_cols
+    return result
