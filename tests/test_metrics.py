@@ -162,3 +162,18 @@ def test_figures_render_without_pyplot_state() -> None:
     table.savefig(buffer, format="png")
     assert buffer.getvalue()[:4] == b"\x89PNG"
     assert plt.get_fignums() == before
+
+
+def test_rows_carry_their_run_and_manifest_version() -> None:
+    m = {"n": 4.0, "balanced_accuracy": 0.5}
+    row = metrics_row(
+        "intensity", "her2_status", "test", m, {"run_id": "r1", "manifest_version": "v1"}
+    )
+    assert list(row) == METRIC_COLUMNS
+    assert (row["run_id"], row["manifest_version"]) == ("r1", "v1")
+    assert metrics_row("intensity", "her2_status", "test", m)["run_id"] == ""
+    old = _frame(
+        [metrics_row("mil", "ihc_score", "test", m, {"run_id": "r0", "manifest_version": "v0"})]
+    )
+    merged = append_metrics(old, _frame([row])).set_index("model")
+    assert merged.loc["mil", "run_id"] == "r0" and merged.loc["intensity", "run_id"] == "r1"

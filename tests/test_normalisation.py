@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import matplotlib
 import numpy as np
 import pytest
 
@@ -18,9 +17,9 @@ from her2_kedro.imaging.normalisation import (
     check_stain_vectors,
     estimate_stain_vectors,
     normalise,
-    preview_figure,
 )
 from her2_kedro.imaging.pixels import foreground_mask
+from her2_kedro.reporting.plots import preview_figure
 
 EXTERNAL_H = (0.55, 0.78, 0.30)
 EXTERNAL_D = (0.20, 0.50, 0.84)
@@ -149,8 +148,10 @@ def test_preview_figure() -> None:
     tiles = _tiles(INTERNAL_H, INTERNAL_D, 3)
     fig = preview_figure(tiles, tiles, "stain normalisation")
     assert len(fig.axes) == 6
-    fig.canvas.draw()
-    assert matplotlib.get_backend()  # no display needed
+    fig.canvas.draw()  # Agg canvas: renders without a display
+    pixels = np.asarray(fig.canvas.buffer_rgba())
+    assert pixels.shape[2] == 4 and pixels[..., :3].std() > 0  # something was drawn
+    assert [ax.get_ylabel() for ax in fig.axes[::3]] == ["before", "after"]
     with pytest.raises(ValueError):
         preview_figure(tiles, tiles[:1], "x")
 

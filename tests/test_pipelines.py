@@ -145,7 +145,10 @@ def test_intensity_study_end_to_end_with_mlflow(tmp_path, catalog_config, study_
         "recall_weighted",
         "f1_weighted",
         "auroc",
+        "run_id",
+        "manifest_version",
     ]
+    assert set(metrics["run_id"]) == {run.info.run_id}  # no kedro hooks here: version unknown
     assert set(metrics["model"]) == {"intensity", "intensity_plus"}
     assert set(metrics["task"]) == {"ihc_score", "her2_status"}
     # external-centre cores never train: they are reported as their own split
@@ -157,6 +160,17 @@ def test_intensity_study_end_to_end_with_mlflow(tmp_path, catalog_config, study_
     assert int(n_external.iloc[0]) == len(external) > 0
     predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")
     assert len(predictions) == 4 * len(manifest)
+    assert set(predictions["run_id"]) == {run.info.run_id}
+    # only the external centre was normalised, and the flag says where it actually ran
+    plus = pd.read_parquet(data / "04_feature" / "intensity_plus_features.parquet")
+    flagged = dict(zip(plus["core_id"], plus["normalised"], strict=True))
+    assert flagged == {c: c in set(external["core_id"]) for c in manifest["core_id"]}
+    reference = json.loads(
+        next((data / "04_feature" / "reference_stains.json").rglob("*.json")).read_text()
+    )
+    assert reference["status"] == "estimated"
+    train_internal = manifest[(manifest["split"] == "train") & (manifest["cohort"] != "external")]
+    assert set(reference["cores"]) <= set(train_internal["core_id"])
     assert (
         data / "08_reporting" / "intensity" / "her2_status" / "status_crosstab_test.csv"
     ).is_file()

@@ -10,12 +10,23 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from her2_kedro.config import PreprocessingParams, TileConfig
 from her2_kedro.features import preprocess
-from her2_kedro.features.intensity import IntensityThresholds
 from her2_kedro.imaging.normalisation import StainEstimationError, angle_degrees
-from her2_kedro.imaging.tiling import TileRule
-from her2_kedro.synthetic.optics import EXTERNAL_STAINS
+from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
 from her2_kedro.synthetic.render import CoreSpec, render_core
+from her2_kedro.tma.qc.images import content_hash
+
+RULE = TileConfig()
+#: (ihc score, cohort, split) of the six cores c0..c5
+CORES = [
+    (3, "internal", "train"),
+    (0, "internal", "train"),
+    (3, "internal", "val"),
+    (2, "internal", "test"),
+    (3, "external", "train"),  # an evaluation-only cohort's split label must not matter
+    (1, "external", "test"),
+]
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -24,45 +35,51 @@ def _png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _spec(score: int, external: bool) -> CoreSpec:
+    stains = EXTERNAL_STAINS if external else INTERNAL_STAINS
+    return CoreSpec(score, int(score == 3), False, size=448, cell_diameter_px=20, stains=stains)
+
+
 @pytest.fixture(scope="module")
 def cohort():
-    """Six small cores: four internal (two of them score 3), two external-centre cores."""
+    """Six small cores: four internal (train, train, val, test), two of an external centre."""
     rows, cores = [], {}
-    for i, (score, external) in enumerate(
-        [(3, False), (0, False), (3, False), (2, False), (3, True), (1, True)]
-    ):
-        spec = CoreSpec(
-            ihc_score=score,
-            her2_status=int(score == 3),
-            status_cue=False,
-            size=448,
-            cell_diameter_px=20,
-            **({"stains": EXTERNAL_STAINS} if external else {}),
-        )
-        rgb = render_core(spec, np.random.default_rng(i))
+    for i, (score, cohort, split) in enumerate(CORES):
+        rgb = render_core(_spec(score, cohort == "external"), np.random.default_rng(i))
         image = f"c{i}.png"
         cores[image] = partial(bytes, _png(rgb))
         rows.append(
             {
                 "core_id": f"c{i}",
                 "image": image,
-                "split": "train",
-                "cohort": "external" if external else "internal",
+                "split": split,
+                "cohort": cohort,
+                "content_hash": content_hash(rgb),
             }
         )
     return pd.DataFrame(rows), cores
 
 
+def _params(**changes) -> PreprocessingParams:
+    base = PreprocessingParams().model_dump()
+    base.update(changes)
+    return PreprocessingParams.model_validate(base)
+
+
+def _features(result) -> pd.DataFrame:
+    return pd.DataFrame(result.features).set_index("core_id")
+
+
 def test_reference_from_tiles_is_close_to_the_rendering_stains(cohort):
     manifest, cores = cohort
     internal = manifest[manifest["cohort"] == "internal"]
-    tiles = preprocess.reference_tiles(
-        internal, cores, TileRule(), max_cores=4, tiles_per_core=4, seed=0
-    )
+    tiles = [
+        t
+        for image in internal["image"]
+        for t in preprocess.richest_tiles(preprocess.decode_rgb(cores[image]()), RULE, 4)
+    ]
     assert len(tiles) == 16 and tiles[0].shape == (224, 224, 3)
     vectors, _ = preprocess.estimate_reference(tiles, 220.0)
-    from her2_kedro.synthetic.optics import INTERNAL_STAINS
-
     assert angle_degrees(vectors.dab, INTERNAL_STAINS.dab) < 10
 
 
@@ -71,47 +88,140 @@ def test_no_reference_tiles_is_a_clear_error():
         preprocess.estimate_reference([], 220.0)
 
 
-def test_only_marked_cohorts_are_normalised(cohort):
+def test_only_marked_cohorts_are_normalised_and_flagged(cohort):
     manifest, cores = cohort
-    tiles = preprocess.reference_tiles(
-        manifest[manifest["cohort"] == "internal"], cores, TileRule(), 4, 4, 0
-    )
-    reference, _ = preprocess.estimate_reference(tiles, 220.0)
-    plain = preprocess.preprocess_cores(
-        manifest, cores, TileRule(), IntensityThresholds(), None, ["external"]
-    )
-    normed = preprocess.preprocess_cores(
-        manifest, cores, TileRule(), IntensityThresholds(), reference, ["external"]
-    )
-    before = pd.DataFrame(plain.features).set_index("core_id")["max_mean_dab"]
-    after = pd.DataFrame(normed.features).set_index("core_id")
-    assert after.loc[["c0", "c1", "c2", "c3"], "max_mean_dab"].equals(
-        before.loc[["c0", "c1", "c2", "c3"]]
-    )
-    assert after.loc["c4", "normalised"] and not after.loc["c0", "normalised"]
-    # external cores are measured after normalisation (stain colours mapped, DAB amount kept)
-    assert after.loc["c4", "max_mean_dab"] != before.loc["c4"]
-    assert np.isfinite(after["max_mean_dab"]).all()
-    assert all(len(t) > 0 for t in normed.tiles)
+    plain = _features(preprocess.preprocess_cores(manifest, cores, RULE, _params(), []))
+    result = preprocess.preprocess_cores(manifest, cores, RULE, _params(), ["external"])
+    normed = _features(result)
+    internal = ["c0", "c1", "c2", "c3"]
+    assert normed.loc[internal, "max_mean_dab"].equals(plain.loc[internal, "max_mean_dab"])
+    assert normed["normalised"].to_dict() == {c: c in ("c4", "c5") for c in normed.index}
+    assert not plain["normalised"].any()
+    assert normed.loc["c4", "max_mean_dab"] != plain.loc["c4", "max_mean_dab"]
+    assert np.isfinite(normed["max_mean_dab"]).all() and all(len(t) for t in result.tiles)
+    assert result.reference["status"] == "estimated"
+    assert len(result.previews) == 2 and result.previews[0][0].shape == (224, 224, 3)
+
+
+def test_reference_is_built_from_train_cores_of_unnormalised_cohorts_only(cohort, monkeypatch):
+    """Validation, test and evaluation-only cores never shape the reference the others are mapped to."""
+    manifest, cores = cohort
+    allowed = ["c0", "c1"]  # internal train cores; c2 is val, c3 test, c4/c5 the external centre
+    expected = [
+        t.tobytes()
+        for c in allowed
+        for t in preprocess.richest_tiles(preprocess.decode_rgb(cores[f"{c}.png"]()), RULE, 8)
+    ]
+    seen: list[list[bytes]] = []
+    real = preprocess.estimate_reference
+
+    def spy(tiles, grey):
+        seen.append([t.tobytes() for t in tiles])
+        return real(tiles, grey)
+
+    monkeypatch.setattr(preprocess, "estimate_reference", spy)
+    result = preprocess.preprocess_cores(manifest, cores, RULE, _params(), ["external"])
+    assert sorted(result.reference["cores"]) == allowed
+    assert sorted(seen[0]) == sorted(expected)  # the reference: those cores' tiles, nothing else
+    # the second estimate is the external cohort's own stain vectors, from its own cores
+    assert sorted(result.reference["sources"]["external"]["cores"]) == ["c4", "c5"]
+
+
+def test_nothing_to_normalise_costs_no_reference_and_no_preview(cohort, monkeypatch):
+    manifest, cores = cohort
+    internal = manifest[manifest["cohort"] == "internal"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("reference estimated although no cohort is normalised")
+
+    monkeypatch.setattr(preprocess, "estimate_reference", fail)
+    result = preprocess.preprocess_cores(internal, cores, RULE, _params(), ["external"])
+    assert result.reference["status"] == "not needed" and result.previews == []
+    assert not _features(result)["normalised"].any()
+
+
+def test_without_reference_nothing_is_flagged_normalised(cohort):
+    """No train core in the reference cohorts: the external cores are measured as they are, and say so."""
+    manifest, cores = cohort
+    no_train = manifest.assign(split=manifest["split"].replace({"train": "val"}))
+    result = preprocess.preprocess_cores(no_train, cores, RULE, _params(), ["external"])
+    features = _features(result)
+    assert result.reference["status"] == "failed" and result.previews == []
+    assert not features["normalised"].any()
+    skipped = {p.core_id for p in result.problems if "normalisation skipped" in p.reason}
+    assert skipped == {"c4", "c5"}
+
+
+def test_normalised_external_dab_lands_near_the_reference_cohort(cohort):
+    """The same tissue rendered with each centre's stains: normalisation moves DAB onto the internal's.
+
+    The external centre's haematoxylin is purpler, and rgb2hed reads part of it as DAB, so an
+    unstained external core looks browner than its internal twin. Normalised to the internal
+    reference, its DAB must land within 0.002 (OD 0.012) of the twin's and at most half as far as
+    before. (Its faded chromogen amount is deliberately not restored: DAB amount is the signal.)
+    """
+    manifest, cores = cohort
+    rows, twins = [], {}
+    for i, score in enumerate((0, 1)):
+        for external in (False, True):
+            image = f"twin{i}{'e' if external else 'i'}.png"
+            rgb = render_core(_spec(score, external), np.random.default_rng(100 + i))
+            twins[image] = partial(bytes, _png(rgb))
+            rows.append(
+                {
+                    "core_id": image[:-4],
+                    "image": image,
+                    "split": "test",
+                    "cohort": "external" if external else "internal",
+                    "content_hash": content_hash(rgb),
+                }
+            )
+    study = pd.concat([manifest, pd.DataFrame(rows)], ignore_index=True)
+    everything = {**cores, **twins}
+    before = _features(preprocess.preprocess_cores(study, everything, RULE, _params(), []))
+    after = _features(preprocess.preprocess_cores(study, everything, RULE, _params(), ["external"]))
+    for i in (0, 1):
+        target = before.loc[f"twin{i}i", "dab_mean"]
+        gap_before = abs(before.loc[f"twin{i}e", "dab_mean"] - target)
+        gap_after = abs(after.loc[f"twin{i}e", "dab_mean"] - target)
+        assert after.loc[f"twin{i}e", "normalised"]
+        assert gap_after < 0.5 * gap_before and gap_after < 0.002, (gap_before, gap_after)
 
 
 def test_core_missing_from_the_cores_folder_names_the_file(cohort):
     manifest, cores = cohort
     broken = manifest.assign(image=manifest["image"].replace({"c0.png": "gone.png"}))
     with pytest.raises(KeyError, match="gone.png"):
-        preprocess.preprocess_cores(broken, cores, TileRule(), IntensityThresholds(), None, [])
+        preprocess.preprocess_cores(broken, cores, RULE, _params(), [])
+
+
+def test_changed_core_is_named_with_the_manifest_version(cohort):
+    """A manifest whose content_hash no longer matches the core file stops the run, naming both."""
+    manifest, cores = cohort
+    swapped = {**cores, "c3.png": cores["c1.png"]}
+    version = "2026-01-01T00.00.00.000Z"
+    with pytest.raises(preprocess.CoreContentError) as err:
+        preprocess.preprocess_cores(manifest, swapped, RULE, _params(), [], version)
+    message = str(err.value)
+    assert "c3" in message and version in message and "c1" not in message
+
+
+def test_threads_give_the_same_results(cohort):
+    manifest, cores = cohort
+    one = preprocess.preprocess_cores(manifest, cores, RULE, _params(workers=1), ["external"])
+    two = preprocess.preprocess_cores(manifest, cores, RULE, _params(workers=2), ["external"])
+    pd.testing.assert_frame_equal(_features(one), _features(two))
+    for a, b in zip(one.tiles, two.tiles, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    assert one.reference == two.reference
 
 
 def test_stain_matrix_option_changes_the_dab_definition(cohort):
     manifest, cores = cohort
-    rule, thresholds = TileRule(), IntensityThresholds()
-    default = preprocess.preprocess_cores(manifest, cores, rule, thresholds, None, [])
+    default = _features(preprocess.preprocess_cores(manifest, cores, RULE, _params(), []))
     htk = preprocess.preprocess_cores(
-        manifest, cores, rule, thresholds, None, [], "histomicstk_hdab"
+        manifest, cores, RULE, _params(stain_matrix="histomicstk_hdab"), []
     )
-    a = pd.DataFrame(default.features).set_index("core_id")["max_mean_dab"]
-    b = pd.DataFrame(htk.features).set_index("core_id")["max_mean_dab"]
+    a, b = default["max_mean_dab"], _features(htk)["max_mean_dab"]
     assert not np.allclose(a, b)
-    assert (
-        a.loc["c0"] > a.loc["c1"] and b.loc["c0"] > b.loc["c1"]
-    )  # score 3 above score 0 either way
+    assert a.loc["c0"] > a.loc["c1"] and b.loc["c0"] > b.loc["c1"]  # score 3 above 0 either way

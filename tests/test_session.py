@@ -71,9 +71,14 @@ def test_kedro_run_synthetic_then_intensity(project):
     assert len(runs) == 1  # the synthetic pipeline is not tracked
     logged = runs[0].data.metrics
     assert "intensity.her2_status.test.balanced_accuracy" in logged
-    assert "intensity_study.seed" in runs[0].data.params or any(
-        k.startswith("intensity_study") for k in runs[0].data.params
-    )
+    assert runs[0].data.params["intensity_study.seed"] == "0"
+    # every row says which run and which manifest version it came from
+    manifest_dir = project / "data" / "02_intermediate" / "core_manifest.parquet"
+    (version,) = [p.name for p in manifest_dir.iterdir()]
+    predictions = pd.read_parquet(project / "data" / "07_model_output" / "predictions.parquet")
+    for table in (metrics, predictions):
+        assert set(table["run_id"]) == {runs[0].info.run_id}
+        assert set(table["manifest_version"]) == {version}
 
 
 def test_invalid_parameter_stops_the_run_before_any_work(project):
@@ -85,3 +90,22 @@ def test_invalid_parameter_stops_the_run_before_any_work(project):
     with pytest.raises(ParameterError, match="ingestion.splits.fractions"):
         _run(project, "ingestion")
     assert not (project / "data").exists()
+
+
+def test_old_manifest_version_with_changed_cores_stops_preprocessing(project):
+    """The README's reload recipe: an old manifest meeting changed core files is an error, not a mix."""
+    from her2_kedro.features.preprocess import CoreContentError
+
+    _run(project, "synthetic")
+    _run(project, "ingestion")
+    manifest_dir = project / "data" / "02_intermediate" / "core_manifest.parquet"
+    (version,) = [p.name for p in manifest_dir.iterdir()]
+    manifest = pd.read_parquet(manifest_dir / version / "core_manifest.parquet")
+    cores = project / "data" / "02_intermediate" / "cores"
+    first, second = manifest.iloc[0], manifest.iloc[1]
+    (cores / first["image"]).write_bytes((cores / second["image"]).read_bytes())
+    with pytest.raises(CoreContentError) as err:
+        with KedroSession.create(project_path=project) as session:
+            session.run(pipeline_names=["preprocessing"], load_versions={"core_manifest": version})
+    assert version in str(err.value) and first["core_id"] in str(err.value)
+    assert second["core_id"] not in str(err.value)

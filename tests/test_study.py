@@ -97,3 +97,53 @@ def test_status_crosstab_keeps_two_minus_and_two_plus_apart():
     table = study.crosstab(predictions)
     assert list(table.columns) == ["0", "1", "2-", "2+", "3"]
     assert table.loc["Positive", "2-"] == 1 and table.loc["Negative", "0"] == 1
+
+
+def test_a_class_missing_from_train_is_padded_through_selection_and_evaluation():
+    """Train without score 1: selection and evaluation score all four classes (p_1 = 0), no crash."""
+    manifest, features = _manifest_and_features(n=80, seed=4)
+    manifest = manifest[~((manifest["split"] == "train") & (manifest["ihc_score"] == 1))]
+    task = study.TASKS["ihc_score"]
+    table, _ = study.task_frame(manifest, features, task, ["max_mean_dab"])
+    assert 1 not in set(table.loc[table["split"] == "train", "y"])
+    assert 1 in set(table.loc[table["split"] == "val", "y"])
+    model, selection = study.select_and_fit(
+        table, ["max_mean_dab"], task, [0.1, 1.0, 10.0], True, 0
+    )
+    assert model.classes == [0, 2, 3] and np.isfinite(selection["val_balanced_accuracy"]).all()
+    predictions, metrics, _ = study.evaluate(model, table, ["max_mean_dab"], task, "intensity")
+    assert (predictions["p_1"] == 0).all() and not (predictions["y_pred"] == 1).any()
+    np.testing.assert_allclose(predictions[["p_0", "p_1", "p_2", "p_3"]].sum(axis=1), 1.0)
+    assert np.isfinite(metrics.set_index("split").loc[["val", "test"], "auroc"]).all()
+
+
+class _Scripted:
+    """A stand-in model whose HER2-status call on each core is fixed in advance."""
+
+    def __init__(self, positive: set[str]):
+        self.classes = [0, 1]
+        self.positive = positive
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        p = np.array([0.9 if core in self.positive else 0.1 for core in X.index])
+        return np.column_stack([1 - p, p])
+
+
+def test_c_is_chosen_on_validation_even_where_test_prefers_another(monkeypatch):
+    """Small C is right on every validation core and wrong on test; large C the reverse."""
+    manifest, features = _manifest_and_features(n=60, seed=2)
+    task = study.TASKS["her2_status"]
+    table, _ = study.task_frame(manifest, features, task, ["max_mean_dab"])
+    truth = dict(zip(table["core_id"], table["y"], strict=True))
+    split = dict(zip(table["core_id"], table["split"], strict=True))
+    right_on = {  # each C's model is right on one split, wrong on the other
+        0.01: {c for c, y in truth.items() if (y == 1) == (split[c] != "test")},
+        100.0: {c for c, y in truth.items() if (y == 1) == (split[c] != "val")},
+    }
+    monkeypatch.setattr(study, "fit_intensity_lr", lambda X, y, C, **kw: _Scripted(right_on[C]))
+    model, selection = study.select_and_fit(table, ["max_mean_dab"], task, [100.0, 0.01], True, 0)
+    scores = selection.set_index("C")["val_balanced_accuracy"]
+    assert scores[0.01] == 1.0 and scores[100.0] == 0.0
+    assert selection.loc[selection["chosen"], "C"].item() == 0.01
+    _, metrics, _ = study.evaluate(model, table, ["max_mean_dab"], task, "m")
+    assert metrics.set_index("split").loc["test", "balanced_accuracy"] == 0.0  # test disagrees

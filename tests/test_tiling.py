@@ -187,3 +187,16 @@ def test_rule_validation() -> None:
         TileRule(tile_size=0)
     with pytest.raises(ValueError):
         TileRule(offset=(-1, 0))
+
+
+def test_the_rule_is_the_validated_tile_config() -> None:
+    """One source of defaults: TileRule is TileConfig plus a per-call offset, and either works."""
+    from her2_kedro.config import TileConfig
+
+    assert TileRule().model_dump(exclude={"offset"}) == TileConfig().model_dump()
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, size=(100, 130, 3), dtype=np.uint8)
+    config = TileConfig(tile_size=32, stride=32, min_tissue=0.4)
+    pd.testing.assert_frame_equal(
+        tile_index(rgb, "c", config), tile_index(rgb, "c", TileRule(**config.model_dump()))
+    )

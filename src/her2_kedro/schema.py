@@ -49,7 +49,9 @@ METRIC_NAMES: list[str] = [
     "auroc",
 ]
 METRIC_KEY_COLUMNS: list[str] = ["model", "task", "split"]
-METRIC_COLUMNS: list[str] = [*METRIC_KEY_COLUMNS, *METRIC_NAMES]
+#: Where a metrics / predictions row came from: the MLflow run id and the core_manifest version
+PROVENANCE_COLUMNS: list[str] = ["run_id", "manifest_version"]
+METRIC_COLUMNS: list[str] = [*METRIC_KEY_COLUMNS, *METRIC_NAMES, *PROVENANCE_COLUMNS]
 
 #: data/02_intermediate/qc_report.csv
 QC_COLUMNS: list[str] = ["source", "core_id", "status", "reason"]

@@ -4,13 +4,13 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from her2_kedro.hooks import ValidateParametersHook
+from her2_kedro.hooks import ManifestVersionHook, ValidateParametersHook
 
 # Deprecation chatter from third-party plugins (kedro-mlflow, mlflow) that users cannot act on.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
-HOOKS = (ValidateParametersHook(),)
+HOOKS = (ValidateParametersHook(), ManifestVersionHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -24,7 +24,10 @@ class ThresholdConfig(Strict):
 
 
 class StainNormalisationConfig(Strict):
-    """Macenko reference from training tiles, applied to the ``cohorts.stain_normalised`` cohorts."""
+    """Macenko reference from training tiles, applied to the ``cohorts.stain_normalised`` cohorts.
+
+    Nothing here runs unless the manifest holds a core of a normalised cohort.
+    """
 
     reference_splits: list[Literal["train", "val", "test"]] = ["train"]
     max_reference_cores: int = Field(40, ge=1)
@@ -37,5 +40,6 @@ class PreprocessingParams(Strict):
     """Everything the preprocessing pipeline reads from ``parameters_preprocessing.yml``."""
 
     stain_matrix: Literal["skimage_hed", "histomicstk_hdab", "histomicstk_hed"] = "skimage_hed"
+    workers: int = Field(2, ge=1)
     intensity_thresholds: ThresholdConfig = ThresholdConfig()
     stain_normalisation: StainNormalisationConfig = StainNormalisationConfig()

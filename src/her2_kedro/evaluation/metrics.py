@@ -19,7 +19,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from her2_kedro.schema import FIVE_CLASSES, METRIC_COLUMNS, METRIC_KEY_COLUMNS, METRIC_NAMES
+from her2_kedro.schema import (
+    FIVE_CLASSES,
+    METRIC_COLUMNS,
+    METRIC_KEY_COLUMNS,
+    METRIC_NAMES,
+    PROVENANCE_COLUMNS,
+)
 
 #: Table 2's names of the HER2 status.
 STATUS_NAMES = {0: "Negative", 1: "Positive"}
@@ -123,12 +129,20 @@ def status_crosstab(
     return table
 
 
-def metrics_row(model: str, task: str, split: str, metrics: Mapping[str, float]) -> dict:
-    """One ``metrics.csv`` row: the key columns then every metric (missing ones as NaN)."""
+def metrics_row(
+    model: str,
+    task: str,
+    split: str,
+    metrics: Mapping[str, float],
+    provenance: Mapping[str, str] | None = None,
+) -> dict:
+    """One ``metrics.csv`` row: key columns, every metric (missing ones NaN), run id and manifest version."""
     row: dict = {"model": model, "task": task, "split": split}
     for name in METRIC_NAMES:
         value = metrics.get(name, float("nan"))
         row[name] = int(value) if name == "n" and not _is_nan(value) else float(value)
+    for name in PROVENANCE_COLUMNS:
+        row[name] = str((provenance or {}).get(name) or "")
     return row
 
 

@@ -9,7 +9,7 @@ validation split; test metrics are computed once, after the choice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ from her2_kedro.evaluation.metrics import (
     status_crosstab,
 )
 from her2_kedro.modelling.intensity_lr import IntensityModel, fit_intensity_lr
-from her2_kedro.schema import QCProblem
+from her2_kedro.schema import PROVENANCE_COLUMNS, QCProblem
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,8 @@ def select_and_fit(
     best: tuple[float, float, IntensityModel] | None = None
     for c in sorted(c_grid):
         model = fit(c)
-        score = classification_metrics(
-            y_val, model.predict(X_val), model.predict_proba(X_val), task.classes
-        )["balanced_accuracy"]
+        proba, predicted = class_probabilities(model, X_val, task)
+        score = classification_metrics(y_val, predicted, proba, task.classes)["balanced_accuracy"]
         rows.append({"C": c, "val_balanced_accuracy": score})
         if best is None or (np.isfinite(score) and (not np.isfinite(best[0]) or score > best[0])):
             best = (score, c, model)
@@ -121,16 +120,27 @@ def select_and_fit(
     return best[2], selection
 
 
-def _predictions(model: IntensityModel, table: pd.DataFrame, feature_names, task: Task):
-    X = table[["core_id", *feature_names]].set_index("core_id")
+def class_probabilities(
+    model: IntensityModel, X: pd.DataFrame, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities over the task's full class list, and the predicted class of each row.
+
+    The one place where a model's columns (the classes it saw in train) are padded to
+    ``task.classes``: a class never seen in train gets probability 0, so selection and evaluation
+    both score (n, len(task.classes)) arrays even when train lacks a class.
+    """
     proba = model.predict_proba(X)
-    classes = list(model.classes)
-    full = np.zeros((len(table), len(task.classes)))
+    seen = [int(c) for c in model.classes]
+    unknown = sorted(set(seen) - set(task.classes))
+    if unknown:
+        raise ValueError(
+            f"{task.name}: the model predicts classes {unknown} outside {task.classes}"
+        )
+    full = np.zeros((len(X), len(task.classes)))
     for j, c in enumerate(task.classes):
-        if c in classes:
-            full[:, j] = proba[:, classes.index(c)]
-    predicted = np.asarray(task.classes)[full.argmax(axis=1)]
-    return full, predicted
+        if c in seen:
+            full[:, j] = proba[:, seen.index(c)]
+    return full, np.asarray(task.classes)[full.argmax(axis=1)]
 
 
 def evaluate(
@@ -140,9 +150,16 @@ def evaluate(
     task: Task,
     model_name: str,
     splits: Sequence[str] = ("train", "val", "test", EXTERNAL_SPLIT),
+    provenance: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
-    """Predictions for every core, metric rows per split, and confusion tables per split."""
-    proba, predicted = _predictions(model, table, feature_names, task)
+    """Predictions for every core, metric rows per split, and confusion tables per split.
+
+    ``provenance`` (``run_id``, ``manifest_version``) is written into every predictions and metrics
+    row, so rows of different runs can be told apart once merged into the shared tables.
+    """
+    proba, predicted = class_probabilities(
+        model, table[["core_id", *feature_names]].set_index("core_id"), task
+    )
     predictions = pd.DataFrame(
         {
             "model": model_name,
@@ -156,6 +173,8 @@ def evaluate(
     )
     for j, c in enumerate(task.classes):
         predictions[f"p_{c}"] = proba[:, j]
+    for name in PROVENANCE_COLUMNS:
+        predictions[name] = str((provenance or {}).get(name) or "")
     rows, confusions = [], {}
     for split in splits:
         mask = (table["split"] == split).to_numpy()
@@ -163,7 +182,7 @@ def evaluate(
             continue
         y_true = table.loc[mask, "y"].to_numpy(dtype=int)
         metrics = classification_metrics(y_true, predicted[mask], proba[mask], task.classes)
-        rows.append(metrics_row(model_name, task.name, split, metrics))
+        rows.append(metrics_row(model_name, task.name, split, metrics, provenance))
         confusions[split] = confusion_frame(y_true, predicted[mask], task.classes)
     return predictions, pd.DataFrame(rows), confusions
 

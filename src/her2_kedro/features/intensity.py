@@ -16,14 +16,16 @@ Feature sets:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
+from her2_kedro.config.preprocessing import ThresholdConfig
+from her2_kedro.config.shared import TileConfig
+from her2_kedro.imaging.stain import dab_channel
 from her2_kedro.imaging.tiling import (
     PAPER_RULE,
-    TileRule,
     all_tiles,
     foreground_mask_fast,
     tile_index_from_fractions,
@@ -50,24 +52,48 @@ INTENSITY_PLUS_FEATURES: list[str] = [
 META_KEYS: list[str] = ["core_id", "n_tiles", "tissue_fraction"]
 
 
-@dataclass(frozen=True)
-class IntensityThresholds:
-    """Positive-area DAB thresholds in rgb2hed units: QuPath-like OD 0.2 / 0.4 / 0.6, divided by 6."""
+def thresholds_from_od(weak: float, moderate: float, strong: float) -> ThresholdConfig:
+    """Positive-area thresholds given in decimal optical density (QuPath / ImageJ units)."""
+    return ThresholdConfig(
+        weak=weak * OD_TO_SKIMAGE_DAB,
+        moderate=moderate * OD_TO_SKIMAGE_DAB,
+        strong=strong * OD_TO_SKIMAGE_DAB,
+    )
 
-    weak: float = 0.2 * OD_TO_SKIMAGE_DAB  # 0.0333
-    moderate: float = 0.4 * OD_TO_SKIMAGE_DAB  # 0.0667
-    strong: float = 0.6 * OD_TO_SKIMAGE_DAB  # 0.1000
 
-    def __post_init__(self) -> None:
-        if not self.weak <= self.moderate <= self.strong:
-            raise ValueError(f"thresholds must be non-decreasing, got {self}")
+#: The defaults of ``ThresholdConfig`` (conf/base/parameters_preprocessing.yml holds the same).
+DEFAULT_THRESHOLDS = ThresholdConfig()
 
-    @classmethod
-    def from_od(cls, weak: float, moderate: float, strong: float) -> IntensityThresholds:
-        """Thresholds given in decimal optical density (QuPath / ImageJ units)."""
-        return cls(
-            weak * OD_TO_SKIMAGE_DAB, moderate * OD_TO_SKIMAGE_DAB, strong * OD_TO_SKIMAGE_DAB
-        )
+#: Bin width of the DAB histogram behind the percentiles: 2**-20 rgb2hed units (OD ~6e-6), far
+#: below any staining difference; the exact 2**24-colour DAB table spans [0, 1.58].
+PERCENTILE_BIN = 2.0**-20
+
+
+def histogram_percentiles(
+    values: np.ndarray, percentiles: Sequence[float], bin_width: float = PERCENTILE_BIN
+) -> np.ndarray:
+    """``np.percentile(values, percentiles)`` (linear method) to within ``bin_width / 2``.
+
+    Non-negative DAB values are counted in bins of ``bin_width`` (one pass, no sort); each order
+    statistic is read as its bin's centre and interpolated as numpy does. About 5x faster than
+    ``np.percentile`` on the ~10 M tissue pixels of a 5468 px core.
+    """
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        raise ValueError("no values to take percentiles of")
+    top = float(values.max())
+    if float(values.min()) < 0 or top / bin_width > 2**26:  # outside the histogram's design
+        return np.percentile(values, percentiles)
+    inverse = np.float32(1.0 / bin_width) if values.dtype == np.float32 else 1.0 / bin_width
+    counts = np.bincount((values * inverse).astype(np.intp))
+    cumulative = np.cumsum(counts)
+    rank = np.asarray(percentiles, dtype=np.float64) / 100.0 * (values.size - 1)
+    low = np.floor(rank)
+    high = np.minimum(low + 1, values.size - 1)
+    # the k-th order statistic (0-based) lies in the first bin whose cumulative count exceeds k
+    v_low = (np.searchsorted(cumulative, low, side="right") + 0.5) * bin_width
+    v_high = (np.searchsorted(cumulative, high, side="right") + 0.5) * bin_width
+    return v_low + (rank - low) * (v_high - v_low)
 
 
 def _tile_xy(tiles: pd.DataFrame | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,14 +149,15 @@ def intensity_plus(
     dab: np.ndarray,
     foreground_mask: np.ndarray,
     tiles: pd.DataFrame | np.ndarray,
-    thresholds: IntensityThresholds = IntensityThresholds(),
+    thresholds: ThresholdConfig = DEFAULT_THRESHOLDS,
     tile_size: int = 224,
 ) -> dict[str, float]:
     """Conventional intensity descriptors over the core's tissue pixels, plus max-mean-DAB.
 
-    Percentiles, mean and positive-area fractions (share of tissue pixels with DAB strictly above
-    each threshold) use every tissue pixel of the core, as an IHC analysis tool would; the
-    max-mean-DAB uses ``tiles``. All values are NaN when the core has no tissue pixel.
+    Percentiles (from a fine histogram, see :func:`histogram_percentiles`), mean and positive-area
+    fractions (share of tissue pixels with DAB strictly above each threshold) use every tissue pixel
+    of the core, as an IHC analysis tool would; the max-mean-DAB uses ``tiles``. All values are NaN
+    when the core has no tissue pixel.
     """
     if dab.shape != foreground_mask.shape:
         raise ValueError(f"DAB map {dab.shape} and mask {foreground_mask.shape} differ in shape")
@@ -142,7 +169,7 @@ def intensity_plus(
         out.update({"pos_frac_weak": nan, "pos_frac_moderate": nan, "pos_frac_strong": nan})
         return out
     out["dab_mean"] = float(values.mean(dtype=np.float64))
-    for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
+    for q, v in zip(PERCENTILES, histogram_percentiles(values, PERCENTILES), strict=True):
         out[f"dab_p{q}"] = float(v)
     n = float(values.size)
     out["pos_frac_weak"] = float(np.count_nonzero(values > thresholds.weak)) / n
@@ -151,22 +178,11 @@ def intensity_plus(
     return out
 
 
-def _dab_of(rgb: np.ndarray) -> np.ndarray:
-    """DAB channel via her2_kedro.imaging.stain (imported lazily); skimage's rgb2hed if it is absent."""
-    try:
-        from her2_kedro.imaging.stain import dab_channel
-    except ImportError:  # stain.py not written yet: same definition, straight from skimage
-        from skimage.color import rgb2hed
-
-        return rgb2hed(rgb)[..., 2].astype(np.float32)
-    return dab_channel(rgb)
-
-
 def core_features(
     rgb: np.ndarray,
     core_id: str,
-    rule: TileRule = PAPER_RULE,
-    thresholds: IntensityThresholds = IntensityThresholds(),
+    rule: TileConfig = PAPER_RULE,
+    thresholds: ThresholdConfig = DEFAULT_THRESHOLDS,
     dab: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float | int | str]]:
     """One pass over a core: its kept-tile index and its intensity features (see module doc).
@@ -179,7 +195,7 @@ def core_features(
     origins, fractions = all_tiles(rgb, rule, mask=mask)
     tiles = tile_index_from_fractions(core_id, origins, fractions, rule)
     if dab is None:
-        dab = _dab_of(rgb)
+        dab = dab_channel(rgb)
     elif dab.shape != rgb.shape[:2]:
         raise ValueError(f"DAB map {dab.shape} does not match the image {rgb.shape[:2]}")
     features: dict[str, float | int | str] = {

@@ -1,9 +1,16 @@
-"""Preprocessing of accepted cores: reference stain estimation, normalisation, tiles and features.
+"""Preprocessing of accepted cores: stain normalisation where asked, tile index and intensity features.
 
-Each core is decoded once; where its cohort is marked for normalisation its stains are mapped onto the
-reference (Macenko estimation plus deconvolution/reconvolution, as the paper did for the external
-centre), then the tile index and the intensity descriptors are computed in one pass. Tiles are not
-written to disk: ``tile_index`` records where they are, and later stages cut them from the core image.
+Every core is decoded once and measured in the same pass (tile index, DAB, intensity features),
+on ``workers`` threads (decoding, hashing and the numpy work release the GIL). Its pixels are hashed
+on the way and compared with the manifest's ``content_hash``, so a manifest loaded from an old
+version never silently meets core files that changed since.
+
+Stain normalisation runs only where some cohort of the manifest is marked for it: the reference
+(Macenko vectors pooled over the most tissue-rich tiles of training cores of the other cohorts) is
+collected while those cores are measured anyway, and each marked cohort's own stain vectors are
+pooled over its cores in the same way (steadier than one core's, whose DAB may be too faint to
+estimate). Then the marked cores are normalised and measured. Tiles are not written to disk:
+``tile_index`` records where they are, and later stages cut them from the core image.
 """
 
 from __future__ import annotations
@@ -11,14 +18,18 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from her2_kedro.features.intensity import IntensityThresholds, core_features
+from her2_kedro.config.preprocessing import PreprocessingParams, StainNormalisationConfig
+from her2_kedro.config.shared import TileConfig
+from her2_kedro.features.intensity import core_features
 from her2_kedro.imaging.normalisation import (
     StainEstimationError,
     StainVectors,
@@ -27,136 +38,272 @@ from her2_kedro.imaging.normalisation import (
     normalise,
 )
 from her2_kedro.imaging.stain import dab_channel, stain_matrix
-from her2_kedro.imaging.tiling import TileRule, read_tile, tile_index
+from her2_kedro.imaging.tiling import read_tile, tile_index
 from her2_kedro.schema import QCProblem
+from her2_kedro.tma.qc.images import content_hash
 
 logger = logging.getLogger(__name__)
 
 Loader = Callable[[], bytes]
 
 
+class CoreContentError(ValueError):
+    """Core files no longer hold the pixels the manifest recorded (``content_hash``)."""
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """RGB uint8 pixels of an accepted core (ingestion already verified and converted it)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
-def _loader(cores: Mapping[str, Loader], image: str) -> Loader:
-    if image not in cores:
+def check_images(manifest: pd.DataFrame, cores: Mapping[str, Loader]) -> None:
+    """Every manifest image must be in the accepted-cores folder; name the missing ones."""
+    missing = sorted(set(manifest["image"]) - set(cores))
+    if missing:
         raise KeyError(
-            f"{image} is in the core manifest but not in data/02_intermediate/cores: "
-            "re-run `kedro run --pipelines=ingestion`"
+            f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} in the core manifest "
+            "but not in data/02_intermediate/cores: re-run `kedro run --pipelines=ingestion`"
         )
-    return cores[image]
 
 
-def _richest_tiles(rgb: np.ndarray, core_id: str, rule: TileRule, n: int) -> list[np.ndarray]:
+def richest_tiles(rgb: np.ndarray, rule: TileConfig, n: int) -> list[np.ndarray]:
     """Copies of the ``n`` kept tiles of a core with the most tissue."""
-    index = tile_index(rgb, core_id, rule)
-    best = index.sort_values("tissue_fraction", ascending=False).head(n)
+    index = tile_index(rgb, "", rule)
+    best = index.sort_values("tissue_fraction", ascending=False, kind="stable").head(n)
     return [read_tile(rgb, int(t.x), int(t.y), rule.tile_size).copy() for t in best.itertuples()]
 
 
-def reference_tiles(
-    manifest: pd.DataFrame,
-    cores: Mapping[str, Loader],
-    rule: TileRule,
-    max_cores: int,
-    tiles_per_core: int,
-    seed: int,
-) -> list[np.ndarray]:
-    """Tiles sampled from up to ``max_cores`` reference cores, the most tissue-rich of each core."""
-    rng = np.random.default_rng(seed)
-    chosen = manifest.iloc[rng.permutation(len(manifest))[:max_cores]]
-    tiles: list[np.ndarray] = []
-    for row in tqdm(chosen.itertuples(index=False), total=len(chosen), desc="reference tiles"):
-        rgb = decode_rgb(_loader(cores, row.image)())
-        tiles.extend(_richest_tiles(rgb, row.core_id, rule, tiles_per_core))
-    return tiles
+def sample_rows(
+    manifest: pd.DataFrame, s: StainNormalisationConfig, splits: Iterable[str] | None
+) -> pd.DataFrame:
+    """Up to ``max_reference_cores`` rows (of ``splits``, or any split when None), seeded."""
+    rows = manifest if splits is None else manifest[manifest["split"].isin(list(splits))]
+    rng = np.random.default_rng(s.seed)
+    return rows.iloc[rng.permutation(len(rows))[: s.max_reference_cores]]
+
+
+def reference_rows(
+    manifest: pd.DataFrame, s: StainNormalisationConfig, normalised: Iterable[str]
+) -> pd.DataFrame:
+    """Cores the reference stains come from: ``reference_splits`` of cohorts not normalised."""
+    return sample_rows(manifest[~manifest["cohort"].isin(list(normalised))], s, s.reference_splits)
 
 
 def estimate_reference(
     tiles: Sequence[np.ndarray], background_grey: float
 ) -> tuple[StainVectors, list[str]]:
-    """Macenko reference stain vectors from pooled tiles, sanity-checked (swaps fixed, oddities noted)."""
+    """Macenko stain vectors from pooled tiles, sanity-checked (swaps fixed, oddities noted)."""
     if not tiles:
-        raise StainEstimationError(
-            "no reference tiles: the reference cohort has no core with a tissue tile"
-        )
+        raise StainEstimationError("no reference tiles: no chosen core has a tissue tile")
     vectors = estimate_stain_vectors(tiles, background_grey=background_grey)
     return check_stain_vectors(vectors)
 
 
 @dataclass
+class CoreOutcome:
+    """What one pass over one core gives."""
+
+    core_id: str
+    tiles: pd.DataFrame | None = None
+    features: dict[str, Any] | None = None
+    problems: list[QCProblem] = field(default_factory=list)
+    sample: list[np.ndarray] = field(default_factory=list)  # tiles for stain estimation
+    preview: tuple[np.ndarray, np.ndarray] | None = None
+    changed: bool = False  # pixels differ from the manifest's content_hash
+
+
+@dataclass
 class PreprocessResult:
-    """Per-core outputs of preprocessing, gathered over all cores."""
+    """Per-core outputs of preprocessing in manifest order, plus the stain reference's record."""
 
     tiles: list[pd.DataFrame] = field(default_factory=list)
     features: list[dict] = field(default_factory=list)
     problems: list[QCProblem] = field(default_factory=list)
+    reference: dict[str, Any] = field(default_factory=dict)
+    previews: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """How to treat one core: measure it, keep tiles for stain estimation, normalise it, preview."""
+
+    measure: bool = True
+    sample_tiles: int = 0
+    source: StainVectors | None = None
+    target: StainVectors | None = None
+    preview: bool = False
+
+
+class _Runner:
+    """Decodes, checks and measures cores on a thread pool (``workers`` = 1: in this thread)."""
+
+    def __init__(self, cores, rule: TileConfig, params: PreprocessingParams, workers: int):
+        self.cores, self.rule, self.params, self.workers = cores, rule, params, workers
+        name = params.stain_matrix
+        self.matrix = None if name == "skimage_hed" else stain_matrix(name)
+
+    def run(self, rows: pd.DataFrame, jobs: Sequence[_Job], desc: str) -> list[CoreOutcome]:
+        pairs = list(zip(rows.to_dict("records"), jobs, strict=True))
+        if not pairs:
+            return []
+
+        def one(pair):
+            return self._core(*pair)
+
+        bar = dict(total=len(pairs), desc=desc, unit="core")
+        if self.workers <= 1 or len(pairs) == 1:
+            return [one(p) for p in tqdm(pairs, **bar)]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(tqdm(pool.map(one, pairs), **bar))
+
+    def _core(self, row: dict, job: _Job) -> CoreOutcome:
+        out = CoreOutcome(row["core_id"])
+        rgb = decode_rgb(self.cores[row["image"]]())
+        if job.sample_tiles:
+            out.sample = richest_tiles(rgb, self.rule, job.sample_tiles)
+        if not job.measure:
+            return out
+        expected = row.get("content_hash")
+        out.changed = bool(expected) and content_hash(rgb) != expected
+        normalised = False
+        if job.target is not None:
+            try:
+                after = normalise(rgb, job.source, job.target, self.rule.background_grey)
+            except StainEstimationError as err:
+                out.problems.append(_problem(row, f"stain normalisation skipped: {err}"))
+            else:
+                if job.preview:
+                    out.preview = _preview_pair(rgb, after, self.rule)
+                rgb, normalised = after, True
+        dab = dab_channel(rgb, self.matrix)
+        thresholds = self.params.intensity_thresholds
+        out.tiles, features = core_features(rgb, out.core_id, self.rule, thresholds, dab=dab)
+        if out.tiles.empty:
+            out.problems.append(_problem(row, "no tissue tile: features undefined"))
+        out.features = {**features, "normalised": normalised}
+        return out
+
+
+def _problem(row: dict, reason: str) -> QCProblem:
+    return QCProblem("preprocessing", row["core_id"], reason)
+
+
+def _preview_pair(before: np.ndarray, after: np.ndarray, rule: TileConfig):
+    """The most tissue-rich tile of a core, before and after normalisation."""
+    index = tile_index(before, "", rule)
+    if index.empty:
+        return None
+    best = index.sort_values("tissue_fraction", ascending=False, kind="stable").iloc[0]
+    x, y, size = int(best.x), int(best.y), rule.tile_size
+    return read_tile(before, x, y, size).copy(), read_tile(after, x, y, size).copy()
+
+
+def _pooled(outcomes: Iterable[CoreOutcome], grey: float, what: str, record: dict) -> StainVectors:
+    """Stain vectors from the sampled tiles of ``outcomes``; ``record`` gets cores, tiles, notes."""
+    chosen = [o for o in outcomes if o.sample]
+    tiles = [t for o in chosen for t in o.sample]
+    record.update(cores=[o.core_id for o in chosen], n_tiles=len(tiles))
+    try:
+        vectors, notes = estimate_reference(tiles, grey)
+    except StainEstimationError as err:
+        record.update(vectors=None, notes=[f"{what}: {err}"])
+        raise
+    record.update(vectors=vectors.to_dict(), notes=notes)
+    return vectors
 
 
 def preprocess_cores(
     manifest: pd.DataFrame,
     cores: Mapping[str, Loader],
-    rule: TileRule,
-    thresholds: IntensityThresholds,
-    reference: StainVectors | None,
+    rule: TileConfig,
+    params: PreprocessingParams,
     normalise_cohorts: Iterable[str],
-    stain_matrix_name: str = "skimage_hed",
+    manifest_version: str = "",
 ) -> PreprocessResult:
-    """Tile index and intensity features of every core; normalised first where its cohort asks.
+    """Tile index and intensity features of every core; cohorts in ``normalise_cohorts`` normalised.
 
-    DAB comes from colour deconvolution with ``stain_matrix_name`` (default: scikit-image's
-    ``rgb2hed`` definition, so the paper's numbers carry over; HistomicsTK's matrices as options).
+    DAB comes from colour deconvolution with ``params.stain_matrix`` (default scikit-image's
+    ``rgb2hed``, so the paper's numbers carry over). Raises :class:`CoreContentError` naming the
+    cores whose pixels differ from the manifest's ``content_hash`` (and ``manifest_version``).
     """
-    normalise_cohorts = set(normalise_cohorts)
-    matrix = None if stain_matrix_name == "skimage_hed" else stain_matrix(stain_matrix_name)
-    result = PreprocessResult()
-    for row in tqdm(
-        manifest.itertuples(index=False), total=len(manifest), desc="preprocessing cores"
-    ):
-        rgb = decode_rgb(_loader(cores, row.image)())
-        if reference is not None and row.cohort in normalise_cohorts:
-            try:
-                rgb = normalise(rgb, None, reference, background_grey=rule.background_grey)
-            except StainEstimationError as err:
-                result.problems.append(
-                    QCProblem("preprocessing", row.core_id, f"stain normalisation skipped: {err}")
+    check_images(manifest, cores)
+    s = params.stain_normalisation
+    runner = _Runner(cores, rule, params, params.workers)
+    marked = manifest["cohort"].isin(list(normalise_cohorts)).to_numpy()
+    plain, normed = manifest[~marked], manifest[marked]
+    result = PreprocessResult(reference={"status": "not needed", "vectors": None, "notes": []})
+    sampled = set(reference_rows(manifest, s, normalise_cohorts)["core_id"]) if len(normed) else ()
+    jobs = [_Job(sample_tiles=s.tiles_per_core * (c in sampled)) for c in plain["core_id"]]
+    outcomes = dict(zip(plain["core_id"], runner.run(plain, jobs, "measuring cores"), strict=True))
+    _stop_if_changed(outcomes.values(), manifest_version)
+    if len(normed):
+        ref = result.reference
+        try:
+            reference = _pooled(outcomes.values(), rule.background_grey, "reference", ref)
+            ref["status"] = "estimated"
+        except StainEstimationError as err:
+            logger.error("No reference stain vectors (%s): nothing is normalised.", err)
+            reference, ref["status"] = None, "failed"
+        ref["sources"] = {}
+        sources = _cohort_sources(normed, runner, reference, rule, s, ref["sources"])
+        previews = set(normed["core_id"].iloc[: s.preview_tiles]) if reference else set()
+        jobs = [
+            _Job(source=sources.get(c), target=reference, preview=i in previews)
+            for c, i in zip(normed["cohort"], normed["core_id"], strict=True)
+        ]
+        done = runner.run(normed, jobs, "normalising and measuring cores")
+        _stop_if_changed(done, manifest_version)
+        for o in done:
+            if reference is None:
+                o.problems.append(
+                    QCProblem(
+                        "preprocessing",
+                        o.core_id,
+                        "stain normalisation skipped: no "
+                        f"reference stain vectors ({'; '.join(ref['notes'])})",
+                    )
                 )
-        dab = dab_channel(rgb, matrix)
-        tiles, features = core_features(rgb, row.core_id, rule, thresholds, dab=dab)
-        del dab
-        if tiles.empty:
-            result.problems.append(
-                QCProblem("preprocessing", row.core_id, "no tissue tile: features undefined")
-            )
-        result.tiles.append(tiles)
-        result.features.append({**features, "normalised": row.cohort in normalise_cohorts})
+            outcomes[o.core_id] = o
+    for core_id in manifest["core_id"]:
+        o = outcomes[core_id]
+        result.tiles.append(o.tiles)
+        result.features.append(o.features)
+        result.problems.extend(o.problems)
+        if o.preview is not None:
+            result.previews.append(o.preview)
     return result
 
 
-def preview_pairs(
-    manifest: pd.DataFrame,
-    cores: Mapping[str, Loader],
-    rule: TileRule,
-    reference: StainVectors,
-    n_tiles: int,
-    seed: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """A few tissue-rich tiles before and after normalisation to the reference, for the preview."""
-    rng = np.random.default_rng(seed)
-    chosen = manifest.iloc[rng.permutation(len(manifest))[:n_tiles]]
-    before, after = [], []
-    for row in chosen.itertuples(index=False):
-        richest = _richest_tiles(decode_rgb(_loader(cores, row.image)()), row.core_id, rule, 1)
-        if not richest:
-            continue
-        tile = richest[0]
+def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, StainVectors]:
+    """Each marked cohort's own stain vectors, pooled over its cores (per-core when that fails)."""
+    sources: dict[str, StainVectors] = {}
+    if reference is None:
+        return sources
+    for cohort, rows in normed.groupby("cohort", sort=True):
+        chosen = sample_rows(rows, s, None)
+        jobs = [_Job(measure=False, sample_tiles=s.tiles_per_core)] * len(chosen)
+        record[cohort] = entry = {}
         try:
-            normalised = normalise(tile, None, reference, background_grey=rule.background_grey)
-        except StainEstimationError:
-            continue
-        before.append(tile)
-        after.append(normalised)
-    return before, after
+            sources[cohort] = _pooled(
+                runner.run(chosen, jobs, f"stain vectors of {cohort}"),
+                rule.background_grey,
+                f"cohort {cohort}",
+                entry,
+            )
+        except StainEstimationError as err:
+            logger.warning("Cohort %s: %s; each core's own stain vectors are used.", cohort, err)
+    return sources
+
+
+def _stop_if_changed(outcomes: Iterable[CoreOutcome], manifest_version: str) -> None:
+    changed = sorted(o.core_id for o in outcomes if o.changed)
+    if changed:
+        which = f"version {manifest_version}" if manifest_version else "the loaded version"
+        raise CoreContentError(
+            f"{len(changed)} core(s) in data/02_intermediate/cores no longer match the content_hash "
+            f"recorded in core_manifest ({which}): {', '.join(changed[:20])}"
+            f"{' ...' if len(changed) > 20 else ''}. The files changed since that manifest was "
+            "written; re-run `kedro run --pipelines=ingestion` (a new manifest version) or restore "
+            "the cores of that version, rather than mixing the two."
+        )

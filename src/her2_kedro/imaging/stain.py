@@ -30,6 +30,7 @@ vectors agree but magnitudes do not; :mod:`her2_kedro.imaging.normalisation` use
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -52,6 +53,8 @@ CHUNK_ROWS = 512
 _LOG_ADJUST = np.log(1e-6)
 #: Images with at least this many pixels use the 2**24-entry table in :func:`dab_channel`.
 _BIG_IMAGE_PIXELS = 1 << 21
+#: Threads measuring cores in parallel build each 64 MiB table once, not once per thread.
+_TABLE_LOCK = threading.Lock()
 
 STAIN_MATRIX_NAMES = ("skimage_hed", "histomicstk_hdab", "histomicstk_hed")
 
@@ -171,7 +174,8 @@ def _stain_chunks(
     chunk_rows = max(1, min(chunk_rows, h))
     idx = np.empty((chunk_rows, w), dtype=np.intp)
     if use_rgb24:
-        table = _rgb24_table(key, stain)
+        with _TABLE_LOCK:
+            table = _rgb24_table(key, stain)
         scratch = np.empty(chunk_rows * w * 3 + 1, dtype=np.uint8)
         contiguous = rgb.flags.c_contiguous
         flat_all = rgb.reshape(-1) if contiguous else None

@@ -12,13 +12,13 @@ test on uint8 input; a pixel whose grey is exactly 220 is tissue).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from pydantic import field_validator
 
+from her2_kedro.config.shared import TileConfig
 from her2_kedro.imaging.pixels import (
-    BACKGROUND_GREY,
     check_rgb,
     foreground_mask_fast,
     tile_row_counts,
@@ -38,23 +38,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class TileRule:
-    """Tile geometry and the tissue filter; the defaults are the paper's (authors' code)."""
+class TileRule(TileConfig):
+    """The tile rule of ``parameters_tiles.yml`` (:class:`TileConfig`, whose defaults are the paper's)
+    plus the grid offset, which is a per-call choice (MIL training draws one at random), not a setting.
+    """
 
-    tile_size: int = 224
-    stride: int = 224
-    background_grey: float = BACKGROUND_GREY
-    min_tissue: float = 0.05
     offset: tuple[int, int] = (0, 0)  # (x, y) of the first tile's top-left corner
 
-    def __post_init__(self) -> None:
-        if self.tile_size <= 0 or self.stride <= 0:
-            raise ValueError(f"tile_size and stride must be positive, got {self}")
-        if self.offset[0] < 0 or self.offset[1] < 0:
-            raise ValueError(f"offset must be non-negative, got {self.offset}")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
+    @field_validator("offset")
+    @classmethod
+    def _non_negative(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] < 0:
+            raise ValueError(f"offset must be non-negative, got {value}")
+        return value
+
+
+def as_rule(rule: TileConfig, offset: tuple[int, int] | None = None) -> TileRule:
+    """The :class:`TileRule` of a validated tile config (offset (0, 0) unless given)."""
+    if isinstance(rule, TileRule) and offset is None:
+        return rule
+    values = rule.model_dump()
+    if offset is not None:
+        values["offset"] = offset
+    return TileRule(**values)
 
 
 #: The paper's rule (224 px tiles, stride 224 from (0, 0), background grey > 220, > 5 % tissue).
@@ -69,8 +75,9 @@ def _axis_origins(length: int, size: int, stride: int, start: int) -> np.ndarray
     return start + stride * np.arange(n, dtype=np.int64)
 
 
-def tile_origins(height: int, width: int, rule: TileRule = PAPER_RULE) -> np.ndarray:
+def tile_origins(height: int, width: int, rule: TileConfig = PAPER_RULE) -> np.ndarray:
     """Top-left (x, y) of every full tile of the grid, in raster order; partial edge tiles dropped."""
+    rule = as_rule(rule)
     xs = _axis_origins(width, rule.tile_size, rule.stride, rule.offset[0])
     ys = _axis_origins(height, rule.tile_size, rule.stride, rule.offset[1])
     if xs.size == 0 or ys.size == 0:
@@ -121,12 +128,13 @@ def _index_frame(core_id: str, origins: np.ndarray, fractions: np.ndarray) -> pd
 
 
 def all_tiles(
-    rgb: np.ndarray, rule: TileRule = PAPER_RULE, mask: np.ndarray | None = None
+    rgb: np.ndarray, rule: TileConfig = PAPER_RULE, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Origins (n, 2) of every full tile and its foreground fraction, before the tissue filter.
 
     ``mask`` (the foreground mask, when the caller already has it) avoids recomputing it.
     """
+    rule = as_rule(rule)
     check_rgb(rgb)
     height, width = rgb.shape[:2]
     if mask is not None and mask.shape != (height, width):
@@ -151,14 +159,14 @@ def all_tiles(
 
 
 def tile_index_from_fractions(
-    core_id: str, origins: np.ndarray, fractions: np.ndarray, rule: TileRule = PAPER_RULE
+    core_id: str, origins: np.ndarray, fractions: np.ndarray, rule: TileConfig = PAPER_RULE
 ) -> pd.DataFrame:
     """Apply the tissue filter (fraction strictly above ``rule.min_tissue``) and build the index."""
     keep = fractions > rule.min_tissue
     return _index_frame(core_id, origins[keep], fractions[keep])
 
 
-def tile_index(rgb: np.ndarray, core_id: str, rule: TileRule = PAPER_RULE) -> pd.DataFrame:
+def tile_index(rgb: np.ndarray, core_id: str, rule: TileConfig = PAPER_RULE) -> pd.DataFrame:
     """Kept tiles of one core: columns ``core_id, x, y, tissue_fraction`` (x, y = top-left, px)."""
     origins, fractions = all_tiles(rgb, rule)
     return tile_index_from_fractions(core_id, origins, fractions, rule)

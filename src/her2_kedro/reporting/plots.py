@@ -1,4 +1,4 @@
-"""Report figures: confusion matrices and the paper's Table 2 cross-tabulation.
+"""Report figures: confusion matrices, the paper's Table 2 cross-tabulation, stain-normalisation tiles.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (Agg canvas), never through pyplot, so
 no global figure state leaks between nodes or tests and nothing needs a display.
@@ -77,3 +77,28 @@ def crosstab_figure(crosstab: pd.DataFrame, title: str) -> Figure:
         ylabel="predicted HER2 status",
         cbar_label="fraction of true class",
     )
+
+
+def preview_figure(
+    before: list[np.ndarray], after: list[np.ndarray], title: str = "", max_tiles: int = 8
+) -> Figure:
+    """A two-row grid (before / after normalisation) of a few tiles, drawn with Agg, for review."""
+    if len(before) != len(after):
+        raise ValueError(f"before and after differ in length: {len(before)} vs {len(after)}")
+    n = min(len(before), max_tiles)
+    if n == 0:
+        raise ValueError("no tiles to preview")
+    fig = Figure(figsize=(2.2 * n, 4.8), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, n, squeeze=False)
+    for j in range(n):
+        for i, (row, img) in enumerate((("before", before[j]), ("after", after[j]))):
+            ax = axes[i, j]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(row)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,4 +1,4 @@
-"""Preprocessing pipeline: accepted cores → reference stains → tile index and intensity features."""
+"""Preprocessing pipeline: accepted cores → (stain normalisation) → tile index and intensity features."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -6,29 +6,15 @@ from her2_kedro.pipelines.preprocessing import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Reference stains first (from training tiles), then one pass per core for tiles and features."""
+    """One pass over the cores (each decoded once), then the before/after figure of normalised ones."""
     return Pipeline(
         [
             Node(
-                nodes.estimate_reference_stains,
+                nodes.preprocess_cores,
                 inputs=[
                     "core_manifest",
                     "accepted_cores",
-                    "params:preprocessing.stain_normalisation",
-                    "params:tiles",
-                    "params:cohorts",
-                ],
-                outputs="reference_stains",
-                name="estimate_reference_stains",
-            ),
-            Node(
-                nodes.compute_features,
-                inputs=[
-                    "core_manifest",
-                    "accepted_cores",
-                    "reference_stains",
-                    "params:preprocessing.stain_matrix",
-                    "params:preprocessing.intensity_thresholds",
+                    "params:preprocessing",
                     "params:tiles",
                     "params:cohorts",
                 ],
@@ -37,19 +23,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "intensity_features",
                     "intensity_plus_features",
                     "preprocessing_problems",
+                    "reference_stains",
+                    "stain_normalisation_pairs",
                 ],
                 name="tile_and_measure_cores",
             ),
             Node(
                 nodes.normalisation_preview,
-                inputs=[
-                    "core_manifest",
-                    "accepted_cores",
-                    "reference_stains",
-                    "params:preprocessing.stain_normalisation",
-                    "params:tiles",
-                    "params:cohorts",
-                ],
+                inputs=["stain_normalisation_pairs", "params:cohorts"],
                 outputs="stain_normalisation_figures",
                 name="stain_normalisation_preview",
             ),
