@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 from her2_kedro.config.ingestion import DearrayConfig
@@ -50,6 +49,8 @@ class _NodeProbe:
         inner = rr <= r_in
         outer = (rr > r_in) & (rr <= r_in + ring)
         kernel = inner / inner.sum() - 0.5 * outer / outer.sum()
+        from scipy.signal import fftconvolve  # here: scipy.signal costs ~1 s at every Kedro start
+
         self.score = fftconvolve(tissue.astype(np.float32), kernel.astype(np.float32), mode="same")
         self.disk = inner
         self.half = half
