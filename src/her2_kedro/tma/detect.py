@@ -84,6 +84,27 @@ def _faint_tissue_mask(g: np.ndarray, background_grey: float, se: np.ndarray) ->
     return ndi.binary_fill_holes(tissue)
 
 
+def _component_areas(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:]
+
+
+def _merge_fragments(mask: np.ndarray, tissue: np.ndarray, core_area: float) -> np.ndarray:
+    """Join the pieces of a core that lumens or pale stroma cut apart on the strict mask.
+
+    A faint-tissue component about one core in size is one punch: its whole area becomes one
+    blob. Larger components (touching cores, a blob beside a core) keep their strict pieces.
+    """
+    lab, n = ndi.label(tissue)
+    if n == 0:
+        return mask
+    areas = np.bincount(lab.ravel(), minlength=n + 1)
+    one_core = (areas <= 1.3 * core_area) & (areas > 0)
+    one_core[0] = False
+    has_strict = np.bincount(lab[mask], minlength=n + 1) > 0
+    return mask | (one_core & has_strict)[lab]
+
+
 def detect_cores(
     thumb_rgb: np.ndarray,
     params: DearrayConfig,
@@ -105,6 +126,10 @@ def detect_cores(
     mask = ndi.binary_closing(mask, structure=se, border_value=0)
     mask = ndi.binary_fill_holes(mask)
     tissue = _faint_tissue_mask(g, background_grey, se)
+    if d_t is None:
+        d_t = _estimate_diameter_thumb(_component_areas(tissue)) or None
+    if d_t:
+        mask = _merge_fragments(mask, tissue, math.pi / 4.0 * d_t * d_t)
     lab, n = ndi.label(mask)
     if n == 0:
         return CoreCandidates(
