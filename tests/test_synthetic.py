@@ -251,7 +251,7 @@ def test_sample_cohort_columns_priors_and_rules():
     assert (
         abs(np.log(t["dab_gain"]).std() - 0.3) < 0.03 and abs(np.log(t["dab_gain"]).mean()) < 0.03
     )
-    assert t["tumour_fraction"].between(0.2, 0.9).all() and abs(t["focal"].mean() - 0.3) < 0.05
+    assert t["tumour_fraction"].between(0.3, 0.95).all() and abs(t["focal"].mean() - 0.3) < 0.05
     for col in ("dab_gain", "tumour_fraction"):
         assert abs(np.corrcoef(t[col], t["ihc-score"])[0, 1]) < 0.1
     fixed = sample_cohort(
