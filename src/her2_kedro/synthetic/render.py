@@ -62,7 +62,7 @@ MEMBRANE_H = 0.04  # haematoxylin along cell borders
 TISSUE_OD = 0.03  # neutral optical density of tissue (unstained protein, section thickness)
 FIBRE_PERIOD = 0.15  # spacing of stroma fibres (cell diameters)
 GRAIN = 0.018  # size of chromatin / cytoplasm granules (cell diameters)
-LOOSENESS_RANGE = (-0.6, 0.6)  # per-core shift of the loose-stroma field (uniform)
+LOOSENESS_RANGE = (-0.6, 0.3)  # per-core shift of the loose-stroma field (uniform)
 
 
 @dataclass(frozen=True)
