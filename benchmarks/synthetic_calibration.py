@@ -7,9 +7,10 @@ paper's max-mean-DAB and the intensity+ set), and prints side by side, per class
 3): the single real value and the synthetic median with its 10-90 % range. Then it trains the
 intensity logistic regressions (``fit_intensity_lr``; feature sets ``intensity`` and
 ``intensity_plus``) on the synthetic cores and prints the IHC-score and HER2-status balanced
-accuracy on the real cores, and a nuclear size estimate (equivalent diameter of haematoxylin-dense
-blobs, px) on both. Prints figures only; asserts nothing. Skips with a message where the real
-cores are absent.
+accuracy on the real cores, a nuclear size estimate (equivalent diameter of haematoxylin-dense
+blobs, px) on both, and per class how many of the real core's intensity+ features fall inside the
+synthetic 10-90 % range of its class. Prints figures only; asserts nothing. Skips with a message
+where the real cores are absent.
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/synthetic_calibration.py [--cores 150]
 """
@@ -96,8 +97,11 @@ def measure_synthetic(n_cores: int, size: int, cell_diameter_px: float, seed: in
 
 
 def print_calibration(real: pd.DataFrame, synth: pd.DataFrame, features: list[str]) -> None:
-    """Per class and feature: the real core's value, then synthetic median [10 %, 90 %]."""
+    """Per class and feature: the real core's value, then synthetic median [10 %, 90 %]; then, per
+    class, how many of the intensity+ features of the real core fall inside the synthetic 10-90 %
+    range of its class (and inside its min-max range: such a core is drawn at all)."""
     print("\nper class: real value | synthetic median [p10, p90] (n synthetic)")
+    inside = {c: [0, 0, 0] for c in CLASSES}  # inside p10-p90, inside min-max, features compared
     for feat in [*features, "nuclear_diameter_px"]:
         print(f"  {feat}")
         for cls in CLASSES:
@@ -107,9 +111,19 @@ def print_calibration(real: pd.DataFrame, synth: pd.DataFrame, features: list[st
             if len(s):
                 p10, p50, p90 = np.percentile(s, [10, 50, 90])
                 syn_txt = f"{p50:.4f} [{p10:.4f}, {p90:.4f}] (n={len(s)})"
+                if feat in features:
+                    for v in r:
+                        inside[cls][0] += int(p10 <= v <= p90)
+                        inside[cls][1] += int(s.min() <= v <= s.max())
+                        inside[cls][2] += 1
             else:
                 syn_txt = "-"
             print(f"    {cls:>2}: real {real_txt:>8} | synthetic {syn_txt}")
+    print("\nreal intensity+ features inside the synthetic range of their class")
+    for cls, (n10, nall, n) in inside.items():
+        print(f"  {cls:>2}: {n10}/{n} inside p10-p90, {nall}/{n} inside min-max")
+    total = np.sum(list(inside.values()), axis=0)
+    print(f"  all: {total[0]}/{total[2]} inside p10-p90, {total[1]}/{total[2]} inside min-max")
 
 
 def print_transfer(real: pd.DataFrame, synth: pd.DataFrame, feature_sets: dict) -> None:

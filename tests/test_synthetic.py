@@ -12,7 +12,10 @@ from skimage.color import rgb2hed
 from skimage.measure import label
 from sklearn.metrics import roc_auc_score
 
+from her2_kedro.config import SyntheticParams
 from her2_kedro.imaging.pixels import encode_jpeg, foreground_mask
+from her2_kedro.pipelines.synthetic.nodes import sample_core_table
+from her2_kedro.synthetic import staining
 from her2_kedro.synthetic.cohort import (
     BALANCED_PRIORS,
     CLASSES,
@@ -247,11 +250,11 @@ def test_sample_cohort_columns_priors_and_rules():
     for flag in ("tear", "fold", "partial"):
         assert 0.05 < t[flag].mean() < 0.15
     assert t.equals(sample_cohort(2000, (1, 3), BALANCED_PRIORS, seed=1, external_fraction=0.25))
-    # per-core nuisances: log-normal gain (log-sd 0.3), tumour fraction 0.2-0.9, 30 % focal, label-free
+    # per-core nuisances: log-normal gain (log-sd 0.3), tumour fraction 0.3-0.95, 30 % focal, label-free
     assert (
         abs(np.log(t["dab_gain"]).std() - 0.3) < 0.03 and abs(np.log(t["dab_gain"]).mean()) < 0.03
     )
-    assert t["tumour_fraction"].between(0.2, 0.9).all() and abs(t["focal"].mean() - 0.3) < 0.05
+    assert t["tumour_fraction"].between(0.3, 0.95).all() and abs(t["focal"].mean() - 0.3) < 0.05
     for col in ("dab_gain", "tumour_fraction"):
         assert abs(np.corrcoef(t[col], t["ihc-score"])[0, 1]) < 0.1
     fixed = sample_cohort(
@@ -272,6 +275,18 @@ def test_sample_cohort_columns_priors_and_rules():
         columns=["dab_gain", "tumour_fraction", "focal"]
     )
     assert base.equals(fixed.drop(columns=["dab_gain", "tumour_fraction", "focal"]))
+
+
+def test_nuisance_parameters_come_from_yaml_with_the_renderers_defaults():
+    """SyntheticParams' nuisance defaults are the renderer's, and the sample node passes them on."""
+    p = SyntheticParams()
+    assert p.dab_gain_sd == staining.DAB_GAIN_SD and p.focal_rate == staining.FOCAL_RATE
+    assert p.tumour_fraction_range == staining.TUMOUR_FRACTION_RANGE
+    params = {"n_patients": 40, "dab_gain_sd": 0.0, "tumour_fraction_range": [0.4, 0.4]}
+    t = sample_core_table({**params, "focal_rate": 1.0})
+    assert (t["dab_gain"] == 1).all() and (t["tumour_fraction"] == 0.4).all() and t["focal"].all()
+    with pytest.raises(ValueError, match="min <= max"):
+        SyntheticParams(tumour_fraction_range=(0.9, 0.2))
 
 
 def test_sample_cohort_paper_priors_and_no_label_in_names():

@@ -53,8 +53,10 @@ def test_glass_is_near_white_and_tissue_is_pale():
     assert grey(corners).min() > 225
     assert np.abs(glass.mean(0) - INTERNAL_STAINS.background_rgb).max() < 4
     assert np.ptp(glass.mean(0)) < 12  # neutral, not tinted
-    tissue = grey(rgb)[150:300, 150:300]
-    assert 185 < np.median(tissue) < 225  # pale IHC counterstain, as on the real cores
+    window = grey(rgb)[150:300, 150:300]
+    tissue = window[window <= 220]  # the paper's tissue rule: pale loose stroma falls outside it
+    assert tissue.size > 0.15 * window.size
+    assert 180 < np.median(tissue) < 215  # pale IHC counterstain: real cores' tissue 176-209
 
 
 @pytest.fixture(scope="module")

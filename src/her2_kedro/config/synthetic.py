@@ -50,6 +50,11 @@ class SyntheticParams(Strict):
     status_cue_strength: float = Field(0.9, ge=0.5, le=1)
     core_size: int = Field(672, ge=224)
     cell_diameter_px: float = Field(60.0, gt=2)
+    # Per-core nuisances, independent of every label (the renderer's defaults in
+    # synthetic.staining; a test keeps them equal): they make max-mean-DAB overlap between scores.
+    dab_gain_sd: float = Field(0.3, ge=0)  # log-sd of the staining-run DAB gain (median 1)
+    tumour_fraction_range: tuple[float, float] = (0.3, 0.95)  # tumour share of the tissue, uniform
+    focal_rate: float = Field(0.3, ge=0, le=1)  # P(stained cells clustered in a patch)
     artefact_rates: ArtefactRates = ArtefactRates()
     slides: SyntheticSlides = SyntheticSlides()
 
@@ -57,6 +62,13 @@ class SyntheticParams(Strict):
     @classmethod
     def _range(cls, value: Any) -> Any:
         return (value, value) if isinstance(value, int) else value
+
+    @field_validator("tumour_fraction_range")
+    @classmethod
+    def _fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError(f"need 0 <= min <= max <= 1, got {list(value)}")
+        return value
 
     @field_validator("class_priors")
     @classmethod

@@ -7,4 +7,4 @@ HER2 staining categories and the status cue's atypia), ``render`` (``CoreSpec``,
 """
 
 # Bump when the rendering changes, so that a cohort written by an older generator is rewritten.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5

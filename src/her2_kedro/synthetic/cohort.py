@@ -67,6 +67,34 @@ def _normalised_priors(class_priors: Mapping[str, float]) -> np.ndarray:
     return p / p.sum()
 
 
+def _core_range(cores_per_patient: int | tuple[int, int]) -> tuple[int, int]:
+    """(min, max) cores per patient from a count or an inclusive range; bad ranges are errors."""
+    if isinstance(cores_per_patient, int):
+        lo = hi = cores_per_patient
+    else:
+        lo, hi = (int(v) for v in cores_per_patient)
+    if lo < 1 or hi < lo:
+        raise ValueError(f"bad cores_per_patient: {cores_per_patient}")
+    return lo, hi
+
+
+def _check_rates(
+    external_fraction: float,
+    status_cue_strength: float,
+    dab_gain_sd: float,
+    tumour_fraction_range: tuple[float, float],
+    focal_rate: float,
+) -> None:
+    """Reject probabilities outside [0, 1], a negative gain sd or a bad tumour-fraction range."""
+    if not 0.0 <= external_fraction <= 1.0 or not 0.0 <= status_cue_strength <= 1.0:
+        raise ValueError("external_fraction and status_cue_strength must lie in [0, 1]")
+    tf_lo, tf_hi = (float(v) for v in tumour_fraction_range)
+    if not dab_gain_sd >= 0 or not 0.0 <= tf_lo <= tf_hi <= 1.0 or not 0.0 <= focal_rate <= 1.0:
+        raise ValueError(
+            "need dab_gain_sd >= 0, 0 <= tumour_fraction_range[0] <= [1] <= 1 and focal_rate in [0, 1]"
+        )
+
+
 def sample_cohort(
     n_patients: int,
     cores_per_patient: int | tuple[int, int],
@@ -83,35 +111,21 @@ def sample_cohort(
 
     ``cores_per_patient`` is a fixed count or an inclusive (min, max) range; a fraction
     ``external_fraction`` of patients comes from the external centre (other stains). Per core,
-    ``dab_gain`` ~ exp(N(0, ``dab_gain_sd``)) (default 0.3, i.e. CV ~ 31 %; 0 disables it),
-    ``tumour_fraction`` ~ U(``tumour_fraction_range``) (default 0.2-0.9) and ``focal`` ~
-    Bernoulli(``focal_rate``) (default 0.3), all independent of the labels.
+    ``dab_gain`` ~ exp(N(0, ``dab_gain_sd``)) (0 disables it), ``tumour_fraction`` ~
+    U(``tumour_fraction_range``) and ``focal`` ~ Bernoulli(``focal_rate``), all independent of
+    the labels (defaults: ``staining.DAB_GAIN_SD``, ``TUMOUR_FRACTION_RANGE``, ``FOCAL_RATE``).
     """
     if n_patients < 1:
         raise ValueError("n_patients must be >= 1")
-    if not 0.0 <= external_fraction <= 1.0 or not 0.0 <= status_cue_strength <= 1.0:
-        raise ValueError("external_fraction and status_cue_strength must lie in [0, 1]")
-    lo, hi = (
-        (cores_per_patient, cores_per_patient)
-        if isinstance(cores_per_patient, int)
-        else cores_per_patient
+    lo, hi = _core_range(cores_per_patient)
+    _check_rates(
+        external_fraction, status_cue_strength, dab_gain_sd, tumour_fraction_range, focal_rate
     )
-    if lo < 1 or hi < lo:
-        raise ValueError(f"bad cores_per_patient: {cores_per_patient}")
-    tf_lo, tf_hi = (float(v) for v in tumour_fraction_range)
-    if not dab_gain_sd >= 0 or not 0.0 <= tf_lo <= tf_hi <= 1.0 or not 0.0 <= focal_rate <= 1.0:
-        raise ValueError(
-            "need dab_gain_sd >= 0, 0 <= tumour_fraction_range[0] <= [1] <= 1 and focal_rate in [0, 1]"
-        )
-    rates = dict(DEFAULT_ARTEFACT_RATES)
-    if artefact_rates is not None:
-        rates.update({k: float(v) for k, v in artefact_rates.items()})
+    rates = {**DEFAULT_ARTEFACT_RATES, **{k: float(v) for k, v in (artefact_rates or {}).items()}}
     rng = np.random.default_rng(seed)
-    probs = _normalised_priors(class_priors)
-    classes = rng.choice(len(CLASSES), size=n_patients, p=probs)
-    n_external = int(round(external_fraction * n_patients))
+    classes = rng.choice(len(CLASSES), size=n_patients, p=_normalised_priors(class_priors))
     external = np.zeros(n_patients, dtype=bool)
-    external[rng.permutation(n_patients)[:n_external]] = True
+    external[rng.permutation(n_patients)[: int(round(external_fraction * n_patients))]] = True
     n_cores = rng.integers(lo, hi + 1, size=n_patients)
     cue_u = rng.random(n_patients)
     patient_ids = rng.permutation(n_patients)  # ids unrelated to class order
@@ -142,7 +156,7 @@ def sample_cohort(
     table.insert(0, "filename", [f"core_{k:05d}.jpg" for k in range(len(table))])
     nuisance = np.random.default_rng([int(seed), 1])  # own stream: other columns unchanged
     table["dab_gain"] = np.exp(nuisance.normal(0.0, float(dab_gain_sd), len(table)))
-    table["tumour_fraction"] = nuisance.uniform(tf_lo, tf_hi, len(table))
+    table["tumour_fraction"] = nuisance.uniform(*map(float, tumour_fraction_range), len(table))
     table["focal"] = nuisance.random(len(table)) < float(focal_rate)
     table = table.astype(
         {"ihc-score": int, "her2-status": int, "jpeg_quality": int, "blur_sigma": float}

@@ -47,6 +47,7 @@ from her2_kedro.synthetic.staining import (
     BACKGROUND_DAB_SD,
     DAB_GAIN_SD,
     FOCAL_RATE,
+    NUCLEAR_BLUSH,
     TUMOUR_FRACTION_RANGE,
     Staining,
     assign_staining,
@@ -61,6 +62,7 @@ MEMBRANE_H = 0.04  # haematoxylin along cell borders
 TISSUE_OD = 0.03  # neutral optical density of tissue (unstained protein, section thickness)
 FIBRE_PERIOD = 0.15  # spacing of stroma fibres (cell diameters)
 GRAIN = 0.018  # size of chromatin / cytoplasm granules (cell diameters)
+LOOSENESS_RANGE = (-0.6, 0.3)  # per-core shift of the loose-stroma field (uniform)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class CorePlan:
     tumour_fraction: float
     focal: bool
     background_dab: float  # non-specific DAB of the core's tissue (label-free)
+    looseness: float = 0.0  # shift of the loose-stroma field: pale, oedematous stroma share
 
     @property
     def any_partial(self) -> bool:
@@ -183,21 +186,34 @@ def plan_core(spec: CoreSpec, rng: np.random.Generator) -> CorePlan:
     )
     staining.cyto *= _blush_compensation(cells, d)
     background = BACKGROUND_DAB * float(np.exp(rng.normal(0.0, BACKGROUND_DAB_SD)))
+    looseness = float(rng.uniform(*LOOSENESS_RANGE))
     draw_cuts(
         outline, d, rng, spec.partial, spec.tear, spec.fold
     )  # last: artefacts change no other draw
     return CorePlan(
-        size, d, outline, arch, texture, cells, staining, gain, tumour_fraction, focal, background
+        size,
+        d,
+        outline,
+        arch,
+        texture,
+        cells,
+        staining,
+        gain,
+        tumour_fraction,
+        focal,
+        background,
+        looseness,
     )
 
 
 def _blush_compensation(cells: Cells, d: float) -> np.ndarray:
     """Per-cell factor that keeps a cell's total cytoplasmic DAB independent of its nuclear size
-    (the blush fills the cytoplasm only), so the status cue's larger nuclei cannot move
+    (the blush is weaker over the nucleus), so the status cue's larger nuclei cannot move
     max-mean-DAB."""
+    k = 1.0 - NUCLEAR_BLUSH
     share = np.clip(np.pi * cells.na * cells.nb / (d * d), 0.0, 0.8)
     ref = np.pi * NUCLEUS_AXES[0] * NUCLEUS_AXES[1]
-    return ((1.0 - ref) / (1.0 - share)).astype(np.float32)
+    return ((1.0 - k * ref) / (1.0 - k * share)).astype(np.float32)
 
 
 def _compartments(p: CorePlan, y0: int, y1: int) -> dict[str, np.ndarray]:
@@ -240,17 +256,20 @@ def render_strip(p: CorePlan, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray,
     in_place = np.where(p.cells.kind[lab] == TUMOUR, epi, stroma)
     nuc *= in_place
     nuc_h *= in_place
-    loose = smoothstep(p.texture.f_loose.rows(y0, y1, w), -0.2, 0.6)
+    loose = smoothstep(p.texture.f_loose.rows(y0, y1, w) + f32(p.looseness), -0.2, 0.6)
     fibres = _fibres(p, yy, xx, y0, y1, mid, fine)
-    stroma_h = (STROMA_H + 0.02 * low) * (0.5 + 0.7 * fibres + 0.1 * fine) * (1.0 - 0.8 * loose)
+    stroma_h = (STROMA_H + 0.02 * low) * (0.5 + 0.7 * fibres + 0.1 * fine) * (1.0 - 0.85 * loose)
     mem = membrane_rows(md, p.staining.width[lab], comp["lining"], d) * epi
     cyto = epi * (1.0 - nuc)
     cyto_h = cyto * (CYTO_H + 0.015 * fine + 0.012 * grain + 0.01 * mid)
     h_conc = stroma * (1.0 - nuc) * stroma_h + cyto_h + MEMBRANE_H * mem + nuc_h
     h_conc += lumen * 0.006 * (1.0 + 0.3 * fine)
-    dab = _dab(p, y0, y1, lab, mem, cyto, low, fine, grain)
-    tissue = epi + stroma * (1.0 - 0.7 * loose)
-    dab += p.background_dab * tissue * (1.0 + 0.35 * fine + 0.25 * grain)
+    blush_w = epi * (1.0 - f32(1.0 - NUCLEAR_BLUSH) * nuc)
+    dab = _dab(p, y0, y1, lab, mem, blush_w, low, mid, fine, grain)
+    tissue = epi + stroma * (1.0 - 0.8 * loose)
+    dab += (
+        p.background_dab * tissue * np.clip(1.0 + 0.8 * fine + 0.4 * grain + 0.4 * mid, 0.05, 3.0)
+    )
     h_conc *= core
     dab *= core
     if fold is not None:
@@ -268,6 +287,7 @@ def _dab(
     mem: np.ndarray,
     cyto: np.ndarray,
     low: np.ndarray,
+    mid: np.ndarray,
     fine: np.ndarray,
     grain: np.ndarray,
 ) -> np.ndarray:
@@ -278,9 +298,10 @@ def _dab(
     if p.any_partial:
         patchy = smoothstep(p.texture.f_patch.rows(y0, y1, p.size), 0.1, 0.5)
         mem_dab = mem * (1.0 - st.partial_mem[lab] * (1.0 - patchy))
-    region = np.clip(1.0 + 0.18 * low, 0.6, 1.4)
-    blush = st.cyto[lab] * cyto * np.clip(0.85 + 0.2 * fine + 0.12 * grain, 0.2, 2.0)
-    return region * (st.dab[lab] * mem_dab + blush)
+    region = np.clip(1.0 + 0.35 * low, 0.4, 1.8)
+    beads = np.clip(0.8 + 0.3 * mid, 0.3, 1.6)  # uneven intensity along a membrane
+    blush = st.cyto[lab] * cyto * np.clip(0.8 + 0.35 * fine + 0.2 * grain, 0.1, 2.0)
+    return region * (st.dab[lab] * mem_dab * beads + blush)
 
 
 def _fibres(

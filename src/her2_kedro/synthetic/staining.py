@@ -3,12 +3,14 @@ score) and the nuclear atypia of the ISH-linked status cue.
 
 Staining, per tumour cell, by category (gastric HER2 criteria, Hofmann/Rueschoff, >= 10 % of
 tumour cells): faint partial membranes (a patchy mask removes part of each membrane);
-weak-moderate complete; strong, thicker complete plus a cytoplasmic blush; and moderate but
-fragmented (partial) membranes, which a pathologist scores 1. A score fixes the category
-fractions (``composition``). Categories are handed out at random (diffuse) or down a smooth field
-so the most stained cells form a patch (focal). Per-cell intensity is log-normal, per-core
-intensity within a category varies ~12 %, and a per-core DAB gain (staining run, section
-thickness; log-normal, median 1) scales it all. So the score is defined by the staining pattern
+weak-moderate complete; strong complete; and moderate but fragmented (partial) membranes, which a
+pathologist scores 1. Every category has thin membranes over a granular cytoplasmic blush (also
+faintly over the nucleus), as on the real cores, where a strongly stained core is tan throughout
+with crisp dark membranes rather than a few very dark cells. A score fixes the category fractions
+(``composition``). Categories are handed out at random (diffuse) or down a smooth field so the
+most stained cells form a patch (focal). Per-cell intensity is log-normal, per-core intensity
+within a category varies (most for weak-to-moderate complete staining, ``CORE_CATEGORY_SD``), and
+a per-core DAB gain (staining run, section thickness; log-normal, median 1) scales it all. So the score is defined by the staining pattern
 while the paper's max-mean-DAB overlaps between neighbouring scores, as on real cores.
 
 Status cue, a stated property of this benchmark, never a claim about real tissue: tumour nuclei
@@ -26,21 +28,25 @@ import numpy as np
 #: units of the stain vector), its per-cell log-sd, cytoplasmic blush (fraction of the membrane
 #: concentration), membrane width factor, partial membranes (a patchy mask removes part of each).
 CATEGORY: dict[int, tuple[float, float, float, float, bool]] = {
-    1: (0.45, 0.30, 0.40, 1.0, True),  # faint, barely perceptible, partial
-    2: (0.85, 0.25, 0.55, 1.1, False),  # weak to moderate, complete
-    3: (1.90, 0.22, 0.75, 1.3, False),  # strong, complete
-    4: (0.75, 0.25, 0.20, 1.1, True),  # moderate but incomplete (fragmented): scored 1
+    1: (0.20, 0.30, 0.70, 1.0, True),  # faint, barely perceptible, partial
+    2: (0.90, 0.25, 0.40, 1.0, False),  # weak to moderate, complete
+    3: (2.40, 0.22, 0.28, 1.0, False),  # strong, complete
+    4: (0.35, 0.25, 0.30, 1.0, True),  # moderate but incomplete (fragmented): scored 1
 }
 #: Categories in the order they are handed out (highest first, the focus of a focal core).
 CATEGORY_ORDER = (3, 2, 4, 1)
 
 #: Defaults of the per-core nuisance draws used when a ``CoreSpec`` field is None.
 DAB_GAIN_SD = 0.3  # log-normal sd of the staining-run / section-thickness DAB gain (median 1)
-TUMOUR_FRACTION_RANGE = (0.2, 0.9)  # uniform range of the tumour share of the core's tissue
+TUMOUR_FRACTION_RANGE = (0.3, 0.95)  # uniform range of the tumour share of the core's tissue
 FOCAL_RATE = 0.3  # probability that the stained cells are clustered in a patch
-CORE_CATEGORY_SD = 0.2  # log-sd of a core's intensity within each category
-MEMBRANE_WIDTH = 0.06  # membrane width (cell diameters; x the category's width factor)
-BACKGROUND_DAB = 0.03  # median non-specific DAB of tissue (label-free; cytoplasm and stroma)
+#: Log-sd of a core's intensity within each category (index = category): weak-to-moderate
+#: complete staining (score 2) spans the widest range, from barely visible to moderate.
+CORE_CATEGORY_SD = np.array([0.0, 0.2, 0.45, 0.2, 0.2])
+#: Share of the cytoplasmic blush that lies over the nucleus (cytoplasm above and below it).
+NUCLEAR_BLUSH = 0.6
+MEMBRANE_WIDTH = 0.045  # membrane width (cell diameters; x the category's width factor)
+BACKGROUND_DAB = 0.02  # median non-specific DAB of tissue (label-free; cytoplasm and stroma)
 BACKGROUND_DAB_SD = 0.35  # its log-sd between cores
 
 
@@ -55,9 +61,9 @@ def composition(score: int, rng: np.random.Generator) -> dict[int, float]:
     if score == 0:
         return {1: 0.08 * u[0]}
     if score == 1:
-        return {2: 0.05 * u[0], 4: 0.20 * u[1], 1: 0.15 + 0.65 * u[2]}
+        return {2: 0.05 * u[0], 4: 0.15 * u[1], 1: 0.12 + 0.50 * u[2]}
     if score == 2:
-        f2 = 0.10 + 0.30 * u[0] if u[3] < 0.4 else 0.40 + 0.50 * u[0]
+        f2 = 0.10 + 0.30 * u[0] if u[3] < 0.5 else 0.40 + 0.50 * u[0]
         f3 = 0.05 * u[1]
         return {3: f3, 2: f2, 1: 0.6 * u[2] * (1.0 - f2 - f3)}
     f3 = 0.10 + 0.30 * u[0] if u[3] < 0.35 else 0.40 + 0.60 * u[0]

@@ -37,7 +37,17 @@ def sample_core_table(params: dict[str, Any]) -> pd.DataFrame:
         external_fraction=p.external_fraction,
         status_cue_strength=p.status_cue_strength,
         artefact_rates=p.artefact_rates.model_dump(),
+        **_nuisances(p),
     )
+
+
+def _nuisances(p: SyntheticParams) -> dict[str, Any]:
+    """The per-core nuisance settings of the cohort sampler."""
+    return {
+        "dab_gain_sd": p.dab_gain_sd,
+        "tumour_fraction_range": p.tumour_fraction_range,
+        "focal_rate": p.focal_rate,
+    }
 
 
 def plan_slides(params: dict[str, Any]) -> pd.DataFrame:
@@ -60,6 +70,7 @@ def plan_slides(params: dict[str, Any]) -> pd.DataFrame:
             external_fraction=p.external_fraction,
             status_cue_strength=p.status_cue_strength,
             artefact_rates={"tear": 0.0, "fold": 0.0, "partial": 0.0, "blur": 0.0},
+            **_nuisances(p),
         )
         cores["patient_id"] = [f"tma{index + 1:02d}_{pid}" for pid in cores["patient_id"]]
         rows.append(
