@@ -292,10 +292,15 @@ def test_edge_line_of_broken_cores_keeps_labels(tmp_path: Path, edge: str) -> No
     assert res.missing == [] and res.rejected == []
 
 
-@pytest.mark.parametrize("seed", [57, 69])
-def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "cell"),
+    [(57, 6), (69, 6), (57, 12), (5, 12)],
+)
+def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int, cell: int) -> None:
     """The project's slide writer, small cores: a touching pair with lumens merged into one
-    off-grid blob and both cores were lost (seeds found by search)."""
+    off-grid blob and both cores were lost (seeds found by search). With cells at the demo's
+    scale (cell 12 px in a 129 px core, as 60 px in 640 px) lumens and pale stroma cut cores
+    into pieces that were fitted as extra grid rows and columns."""
     from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
 
@@ -320,7 +325,11 @@ def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int) ->
     def core(label: str) -> np.ndarray:
         k = labels.index(label)
         cs = CoreSpec(
-            ihc_score=int(scores[k]), her2_status=0, status_cue=False, size=129, cell_diameter_px=6
+            ihc_score=int(scores[k]),
+            her2_status=0,
+            status_cue=False,
+            size=129,
+            cell_diameter_px=cell,
         )
         return render_core(cs, np.random.default_rng([seed, k]))
 
