@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test lint synthetic ingestion preprocessing intensity viz mlflow-ui benchmark clean-data
+.PHONY: setup run test lint synthetic ingestion preprocessing intensity bench-study viz mlflow-ui benchmark clean-data
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ preprocessing: setup
 intensity: setup
 	$(BIN)/kedro run --pipelines=intensity
 
+# the comparison cohort (conf/bench: ~300 patients, no slides) and the intensity study on it
+bench-study: setup
+	$(BIN)/kedro run --env=bench --pipelines=synthetic
+	$(BIN)/kedro run --env=bench --pipelines=intensity
+
 test: setup
 	$(BIN)/pytest -q
 
@@ -62,6 +67,9 @@ benchmark: setup
 	$(BIN)/python benchmarks/ingestion_benchmark.py
 	$(BIN)/python benchmarks/dearray_accuracy.py
 	$(BIN)/python benchmarks/deconvolution_benchmark.py
+	$(BIN)/python benchmarks/strict_jpeg_overhead.py
+	$(BIN)/python benchmarks/preprocessing_benchmark.py
+	$(BIN)/python benchmarks/synthetic_calibration.py
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete
