@@ -238,20 +238,13 @@ def _catalog_types() -> set[str]:
     return found
 
 
-def test_catalog_dataset_types_import_and_the_former_paths_still_work():
+def test_catalog_dataset_types_import():
     types = _catalog_types()
     assert any(t.startswith("her2_kedro.io.") for t in types)
     for dotted in types:
         if dotted.startswith("her2_kedro."):
             module, _, name = dotted.rpartition(".")
             assert isinstance(getattr(importlib.import_module(module), name), type), dotted
-    former = importlib.import_module("her2_kedro.io.datasets")  # a user's conf/local may use it
-    for dotted in types:
-        if dotted.startswith("her2_kedro.io."):
-            name = dotted.rpartition(".")[2]
-            assert getattr(former, name) is getattr(
-                importlib.import_module(dotted.rpartition(".")[0]), name
-            )
 
 
 def _legacy_cohort(root, extra_files=()):
