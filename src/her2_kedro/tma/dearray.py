@@ -4,8 +4,11 @@ Only the thumbnail (``DearrayConfig.thumbnail_max_side`` on its long side) and o
 time are ever held in memory, so slides of any size dearray in bounded memory.
 
 Pipeline (``dearray_slide``): blobs of the thumbnail's tissue mask (``tma.detect``) give the
-grid's rotation, pitches and labels (``tma.grid.fit_grid``); then every node of that grid is
-checked on a second, fainter tissue mask (``tma.refine``). Labels follow ``tma.grid_labels``;
+grid's rotation, pitches and labels (``tma.grid.fit_grid``); unless given, the core diameter is
+then measured on the tissue around the grid's nodes, where the pieces of a core that lumens cut
+apart are bridged (``tma.refine.diameter_on_grid``; the grid is refitted when the blob estimate
+was far off); then every node of that grid is checked on a second, fainter tissue mask
+(``tma.refine``). Labels follow ``tma.grid_labels``;
 ``tma.anchoring.anchor_to_positions`` re-anchors them to a slide map.
 """
 
