@@ -4,7 +4,8 @@ Each slide is rendered by the synthetic pipeline's slide writer with a different
 (-5..5 degrees), jitter, missing cores, debris and touching pairs; dearraying then runs with default
 parameters (diameter estimated, grid size inferred). A core counts as correctly labelled when the
 label the dearrayer gives it is the ground-truth label of the core whose centre is within a quarter
-pitch. Run: .venv/bin/python benchmarks/dearray_accuracy.py [--slides 8]
+pitch. The estimated core diameter (true 300 px) and the rejected blobs (against the debris specks
+drawn) are printed too. Run: .venv/bin/python benchmarks/dearray_accuracy.py [--slides 8]
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def one_slide(index: int, folder: Path) -> dict:
         "missing_true": len(true_missing),
         "missing_reported_right": len(true_missing & set(result.missing)),
         "missing_reported": len(result.missing),
+        "diameter": result.diameter_px,
+        "rejected": len(result.rejected),
+        "debris": spec.n_debris,
     }
 
 
@@ -88,7 +92,9 @@ def main() -> None:
                 f"slide {i}: grid {r['grid']:>5s}, rotation {r['rotation']:+.1f} deg: "
                 f"{r['found']}/{r['present']} found, {r['correct']} correctly labelled; "
                 f"empty positions {r['missing_reported_right']}/{r['missing_true']} reported "
-                f"({r['missing_reported']} reported in all) [{time.perf_counter() - t0:.1f} s]"
+                f"({r['missing_reported']} reported in all); diameter {r['diameter']:.0f} px "
+                f"(true 300); {r['rejected']} rejected ({r['debris']} debris specks) "
+                f"[{time.perf_counter() - t0:.1f} s]"
             )
     present, found, correct = totals
     print(

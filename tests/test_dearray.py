@@ -344,3 +344,59 @@ def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int, ce
         assert err < 0.1 * d, c.label
     assert sorted(res.missing) == sorted(spec.missing)
     assert {r[0] for r in res.rejected} <= {"debris"}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_real_scale_cores_cut_by_lumens_keep_their_diameter(tmp_path: Path, seed: int) -> None:
+    """Cores drawn at the real 40x scale (640 px, 60 px cells; seen at the demo's thumbnail
+    downsample of about 2.5) with pale stroma and glass-clear lumens out to the rim fall apart
+    into pieces on both tissue masks. Blob areas put the diameter at 430-520 px, so extracted
+    cores lost their rims, the pieces were reported as debris and, for seed 1, the grid was fitted
+    to the pieces (5 x 4 at -37 degrees)."""
+    from her2_kedro.synthetic.render import CoreSpec, render_core
+    from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
+
+    rng = np.random.default_rng(seed)
+    d = 640
+    labels = [core_label(r, c) for r in range(3) for c in range(4)]
+    spec = SlideSpec(
+        n_rows=3,
+        n_cols=4,
+        core_diameter_px=d,
+        pitch_px=int(d * 1.19),
+        rotation_deg=float(rng.uniform(-3, 3)),
+        jitter_px=3.0,
+        missing=tuple(rng.choice(labels, 1, replace=False)),
+        n_debris=3,
+        n_touching=0,
+        margin_px=64,
+        tile_size=256,
+    )
+    scores = rng.integers(0, 4, size=len(labels))
+
+    def core(label: str) -> np.ndarray:
+        k = labels.index(label)
+        cs = CoreSpec(
+            ihc_score=int(scores[k]),
+            her2_status=0,
+            status_cue=False,
+            size=int(round(d / 0.93)),
+            cell_diameter_px=60,
+        )
+        return render_core(cs, np.random.default_rng([seed, k]))
+
+    path = tmp_path / "real_scale.tif"
+    layout = write_synthetic_slide(path, spec, core, np.random.default_rng([seed, 1]))
+    truth = layout[layout["present"]].set_index("core")
+    with open_slide(path) as r:
+        res = dearray_slide(r, DearrayConfig(thumbnail_max_side=1270))
+    assert res.diameter_px == pytest.approx(d, rel=0.1)
+    assert all(c.diameter == res.diameter_px for c in res.cores)
+    assert sorted(c.label for c in res.cores) == sorted(truth.index)
+    for c in res.cores:
+        err = math.hypot(c.cx - truth.loc[c.label, "cx"], c.cy - truth.loc[c.label, "cy"])
+        assert err < 0.05 * d, c.label
+    assert sorted(res.missing) == sorted(spec.missing)
+    # only the specks: the pieces of cores lie in their cores' extracted images
+    assert [r[0] for r in res.rejected] == ["debris"] * len(res.rejected)
+    assert len(res.rejected) <= spec.n_debris

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 from her2_kedro.config.ingestion import DearrayConfig
 from her2_kedro.tma.grid import (
@@ -26,7 +26,80 @@ from her2_kedro.tma.grid import (
 )
 from her2_kedro.tma.grid_labels import grid_label
 
-__all__ = ["refine_on_tissue"]
+__all__ = ["diameter_on_grid", "refine_on_tissue"]
+
+
+_CORNERS = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+
+
+def _grid_origin(result: DearrayResult, theta: float, px: float, py: float) -> tuple[float, float]:
+    """Grid-frame position of node (0, 0): the median over the found cores."""
+    uv = to_grid_frame(np.array([(k.cx, k.cy) for k in result.cores], np.float64), theta)
+    rows = np.array([k.row for k in result.cores], dtype=np.float64)
+    cols = np.array([k.col for k in result.cores], dtype=np.float64)
+    return (
+        float(np.median(uv[:, 0] - cols * px)),
+        float(np.median(uv[:, 1] - rows * py)),
+    )
+
+
+def diameter_on_grid(
+    result: DearrayResult, tissue: np.ndarray | None, downsample: float
+) -> float | None:
+    """Core diameter (level-0 px) from the tissue around the fitted grid's occupied nodes.
+
+    Lumens and pale stroma that run out to the rim cut a core into pieces, so the area of a
+    tissue component underestimates the punch; the pieces still lie around one grid node. Every
+    component of the tissue mask goes to its nearest node of the fitted lattice (components wider
+    than a pitch, such as a touching pair, and specks under 1 % of a grid cell are left out), and
+    the convex hull of a node's components, which bridges the glass between the pieces, gives
+    that core's diameter (of the disk of the hull's area). The median over the nodes that hold a
+    core of the grid fit is the estimate; None without a grid or tissue.
+    """
+    if tissue is None or not result.cores or downsample <= 0:
+        return None
+    ds = float(downsample)
+    px = (result.pitch_x_px or result.pitch_px) / ds
+    py = (result.pitch_y_px or result.pitch_px) / ds
+    if px <= 2 or py <= 2:
+        return None
+    theta = math.radians(result.rotation_deg)
+    au, av = _grid_origin(result, theta, px * ds, py * ds)
+    lab, n = ndi.label(tissue)
+    if n == 0:
+        return None
+    edge = tissue & ~ndi.binary_erosion(tissue)
+    occupied = {(k.row, k.col) for k in result.cores}
+    members: dict[tuple[int, int], list[np.ndarray]] = {}
+    min_area = 0.01 * px * py
+    for k, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        rr, cc = np.nonzero(lab[sl] == k)
+        if rr.size < min_area or max(h, w) > 1.1 * max(px, py):
+            continue
+        # level-0 centroid in the grid's frame, then its nearest lattice node
+        xy = np.array(
+            [[(cc.mean() + sl[1].start + 0.5) * ds, (rr.mean() + sl[0].start + 0.5) * ds]]
+        )
+        u, v = to_grid_frame(xy, theta)[0]
+        node = (int(round((v - av) / (py * ds))), int(round((u - au) / (px * ds))))
+        if node in occupied:
+            # the outline's pixel corners span the hull of the whole pixels
+            er, ec = np.nonzero((lab[sl] == k) & edge[sl])
+            rc = np.stack([er + sl[0].start, ec + sl[1].start], axis=1).astype(np.float64)
+            members.setdefault(node, []).append((rc[:, None, :] + _CORNERS).reshape(-1, 2))
+    diameters = []
+    for pieces in members.values():
+        try:
+            area = ConvexHull(np.concatenate(pieces)).volume
+        except QhullError:  # degenerate (fewer than three distinct, non-collinear points)
+            continue
+        diameters.append(2.0 * math.sqrt(area / math.pi))
+    if not diameters:
+        return None
+    return float(np.median(diameters) * ds)
 
 
 class _NodeProbe:
@@ -115,14 +188,7 @@ class _GridNodes:
         self.cache: dict[tuple[int, int], tuple[float, float] | None] = {}
 
     def _origin(self, result: DearrayResult) -> tuple[float, float]:
-        """Grid-frame position of node (0, 0): the median over the found cores."""
-        uv = to_grid_frame(np.array([(k.cx, k.cy) for k in result.cores], np.float64), self.theta)
-        rows = np.array([k.row for k in result.cores], dtype=np.float64)
-        cols = np.array([k.col for k in result.cores], dtype=np.float64)
-        return (
-            float(np.median(uv[:, 0] - cols * self.px)),
-            float(np.median(uv[:, 1] - rows * self.py)),
-        )
+        return _grid_origin(result, self.theta, self.px, self.py)
 
     def __call__(self, i: int, j: int) -> tuple[float, float] | None:
         """Level-0 centre of the core on node (i, j) (lattice indices), or None."""
