@@ -156,7 +156,7 @@ def node_timings(root: Path) -> dict[str, float]:
 def hash_cost(folder: Path) -> dict[str, float]:
     """Seconds to decode each core, and to hash its decoded pixels (content_hash)."""
     from her2_kedro.features.preprocess import decode_rgb
-    from her2_kedro.tma.qc.images import content_hash
+    from her2_kedro.imaging.pixels import content_hash
 
     decode = hashing = 0.0
     for path in sorted(folder.glob("*.jpg")):

@@ -37,10 +37,10 @@ from her2_kedro.imaging.normalisation import (
     estimate_stain_vectors,
     normalise,
 )
+from her2_kedro.imaging.pixels import content_hash
 from her2_kedro.imaging.stain import dab_channel, stain_matrix
 from her2_kedro.imaging.tiling import read_tile, tile_index
 from her2_kedro.schema import QCProblem
-from her2_kedro.tma.qc.images import content_hash
 
 logger = logging.getLogger(__name__)
 

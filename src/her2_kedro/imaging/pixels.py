@@ -12,6 +12,7 @@ core read from a slide and the same core read from the cores folder get the same
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Iterable, Iterator
@@ -271,3 +272,11 @@ def encode_png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
+
+
+def content_hash(rgb: np.ndarray) -> str:
+    """sha256 hex digest of an image's pixels and shape, so duplicates are found by content."""
+    arr = np.ascontiguousarray(rgb)
+    digest = hashlib.sha256(f"{arr.dtype.str}:{'x'.join(map(str, arr.shape))}|".encode())
+    digest.update(arr.reshape(-1).view(np.uint8))
+    return digest.hexdigest()

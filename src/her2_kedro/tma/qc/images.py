@@ -7,7 +7,6 @@ small, blank) or, for accepted images, notes any conversion that happened.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import warnings
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from her2_kedro.config.ingestion import ImageChecks
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.imaging.pixels import (
     composite_on_white,
+    content_hash,
     decode_png16,
     has_tissue_tile,
     is_png16_colour,
@@ -29,7 +29,7 @@ from her2_kedro.imaging.pixels import (
     to_uint8,
 )
 
-__all__ = ["ALLOWED_FORMATS", "CheckedImage", "check_image", "content_hash", "has_tissue_tile"]
+__all__ = ["ALLOWED_FORMATS", "CheckedImage", "check_image", "has_tissue_tile"]
 
 #: Image formats accepted as core files.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF")
@@ -85,14 +85,6 @@ def _strict_decoding() -> Iterator[None]:
             yield
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def content_hash(rgb: np.ndarray) -> str:
-    """sha256 hex digest of an image's pixels and shape, so duplicates are found by content."""
-    arr = np.ascontiguousarray(rgb)
-    digest = hashlib.sha256(f"{arr.dtype.str}:{'x'.join(map(str, arr.shape))}|".encode())
-    digest.update(arr.reshape(-1).view(np.uint8))
-    return digest.hexdigest()
 
 
 def _grey_to_rgb(grey8: np.ndarray) -> np.ndarray:
