@@ -8,7 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from her2_kedro.imaging.normalisation import (
+from her2_kedro.imaging.normalisation import normalise
+from her2_kedro.imaging.pixels import foreground_mask
+from her2_kedro.imaging.stain_vectors import (
     REFERENCE_DAB,
     REFERENCE_HAEMATOXYLIN,
     StainEstimationError,
@@ -16,9 +18,7 @@ from her2_kedro.imaging.normalisation import (
     angle_degrees,
     check_stain_vectors,
     estimate_stain_vectors,
-    normalise,
 )
-from her2_kedro.imaging.pixels import foreground_mask
 from her2_kedro.reporting.plots import preview_figure
 
 EXTERNAL_H = (0.55, 0.78, 0.30)

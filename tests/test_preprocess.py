@@ -12,8 +12,8 @@ from PIL import Image
 
 from her2_kedro.config import PreprocessingParams, TileConfig
 from her2_kedro.features import preprocess
-from her2_kedro.imaging.normalisation import StainEstimationError, angle_degrees
 from her2_kedro.imaging.pixels import content_hash
+from her2_kedro.imaging.stain_vectors import StainEstimationError, angle_degrees
 from her2_kedro.synthetic.optics import EXTERNAL_STAINS, INTERNAL_STAINS
 from her2_kedro.synthetic.render import CoreSpec, render_core
 

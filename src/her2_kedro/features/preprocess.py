@@ -30,15 +30,15 @@ from tqdm.auto import tqdm
 from her2_kedro.config.preprocessing import PreprocessingParams, StainNormalisationConfig
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.features.intensity import core_features
-from her2_kedro.imaging.normalisation import (
+from her2_kedro.imaging.normalisation import normalise
+from her2_kedro.imaging.pixels import content_hash
+from her2_kedro.imaging.stain import dab_channel, stain_matrix
+from her2_kedro.imaging.stain_vectors import (
     StainEstimationError,
     StainVectors,
     check_stain_vectors,
     estimate_stain_vectors,
-    normalise,
 )
-from her2_kedro.imaging.pixels import content_hash
-from her2_kedro.imaging.stain import dab_channel, stain_matrix
 from her2_kedro.imaging.tiling import read_tile, tile_index
 from her2_kedro.schema import QCProblem
 

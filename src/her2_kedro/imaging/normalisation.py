@@ -1,7 +1,6 @@
 """Deconvolution-based stain normalisation onto reference Macenko vectors (HistomicsTK units).
 
-Stain vectors, their estimation and checks live in :mod:`her2_kedro.imaging.stain_vectors` (and are
-re-exported here). Units: HistomicsTK's optical density ("SDA") with ``I_0=None``.
+Stain vectors, their estimation and checks live in :mod:`her2_kedro.imaging.stain_vectors`. Units: HistomicsTK's optical density ("SDA") with ``I_0=None``.
 """
 
 from __future__ import annotations
@@ -14,28 +13,14 @@ from her2_kedro.imaging._histomicstk import color_convolution, color_deconvoluti
 from her2_kedro.imaging.pixels import BACKGROUND_GREY, foreground_mask
 from her2_kedro.imaging.stain import lookup_channel_tables
 from her2_kedro.imaging.stain_vectors import (
-    REFERENCE_DAB,
-    REFERENCE_HAEMATOXYLIN,
-    StainEstimationError,
     StainVectors,
-    _percentiles,
-    _sda,
-    angle_degrees,
     check_stain_vectors,
+    concentration_percentiles,
     estimate_stain_vectors,
+    sda_of_pixels,
 )
 
-__all__ = [
-    "REFERENCE_DAB",
-    "REFERENCE_HAEMATOXYLIN",
-    "StainEstimationError",
-    "StainVectors",
-    "angle_degrees",
-    "check_stain_vectors",
-    "estimate_stain_vectors",
-    "normalisation_matrix",
-    "normalise",
-]
+__all__ = ["normalisation_matrix", "normalise"]
 
 
 def _sda_lut() -> np.ndarray:
@@ -74,7 +59,7 @@ def _stain_scale(
         return scale
     if len(px) > max_pixels:
         px = px[np.random.default_rng(seed).integers(0, len(px), size=max_pixels)]
-    src_h, src_d = _percentiles(_sda(px), w_src, target.percentile)
+    src_h, src_d = concentration_percentiles(sda_of_pixels(px), w_src, target.percentile)
     tgt_h, tgt_d = target.max_concentrations
     if match_haematoxylin and src_h > 1e-6:
         scale[0] = tgt_h / src_h

@@ -185,7 +185,7 @@ def _pool_foreground(
     return np.concatenate(pooled, axis=0) if pooled else np.empty((0, 3), np.uint8)
 
 
-def _sda(pixels: np.ndarray) -> np.ndarray:
+def sda_of_pixels(pixels: np.ndarray) -> np.ndarray:
     """HistomicsTK SDA (3, N) float64 of (N, 3) uint8 pixels."""
     return rgb_to_sda(pixels.T.astype(np.float64), None)
 
@@ -197,7 +197,9 @@ def _order_by_reference(v0: np.ndarray, v1: np.ndarray) -> tuple[np.ndarray, np.
     return (v1, v0, True) if swap < keep else (v0, v1, False)
 
 
-def _percentiles(sda: np.ndarray, w: np.ndarray, percentile: float) -> tuple[float, float]:
+def concentration_percentiles(
+    sda: np.ndarray, w: np.ndarray, percentile: float
+) -> tuple[float, float]:
     """(H, DAB) concentration percentiles of SDA pixels (3, N) under stain matrix w (H, R, D)."""
     conc = np.linalg.pinv(w) @ sda
     return (float(np.percentile(conc[0], percentile)), float(np.percentile(conc[2], percentile)))
@@ -228,7 +230,7 @@ def estimate_stain_vectors(
             f"only {len(pixels)} foreground pixels (grey <= {background_grey}) in {len(tiles)} "
             f"tile(s); need at least {min_foreground_pixels}: blank or background-only input?"
         )
-    sda = _sda(pixels)
+    sda = sda_of_pixels(pixels)
     stained = sda[:, np.sqrt((sda**2).sum(axis=0)) > minimum_magnitude]
     if stained.shape[1] < min_foreground_pixels:
         raise StainEstimationError(
@@ -265,7 +267,7 @@ def estimate_stain_vectors(
         )
     h, d, _ = _order_by_reference(v0, v1)
     vectors = StainVectors(_tuple(_unit(h)), _tuple(_unit(d)), n_pixels=int(len(pixels)))
-    mc = _percentiles(sda, vectors.matrix(), percentile)
+    mc = concentration_percentiles(sda, vectors.matrix(), percentile)
     return StainVectors(
         vectors.haematoxylin,
         vectors.dab,
