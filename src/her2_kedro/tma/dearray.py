@@ -4,9 +4,11 @@ Only the thumbnail (``DearrayConfig.thumbnail_max_side`` on its long side) and o
 time are ever held in memory, so slides of any size dearray in bounded memory.
 
 Pipeline (``dearray_slide``): blobs of the thumbnail's tissue mask (``tma.detect``) give the
-grid's rotation, pitches and labels (``tma.grid.fit_grid``); unless given, the core diameter is
-then measured on the tissue around the grid's nodes, where the pieces of a core that lumens cut
-apart are bridged (``tma.refine.diameter_on_grid``; the grid is refitted when the blob estimate
+grid's rotation, pitches and labels (``tma.grid.fit_grid``); when that grid is off the lattice
+that the autocorrelation of the faint tissue mask shows (``tma.grid.lattice_on_tissue``), as
+when many cores are cut into pieces, the grid is fitted again on that lattice; unless given,
+the core diameter is then measured on the tissue around the grid's nodes, where the pieces of a
+core that lumens cut apart are bridged (``tma.refine.diameter_on_grid``; the grid is refitted when the blob estimate
 was far off); then every node of that grid is checked on a second, fainter tissue mask
 (``tma.refine``). Labels follow ``tma.grid_labels``;
 ``tma.anchoring.anchor_to_positions`` re-anchors them to a slide map.
@@ -22,7 +24,13 @@ from her2_kedro.config.ingestion import DearrayConfig
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.tma.anchoring import Anchoring, anchor_to_positions
 from her2_kedro.tma.detect import CoreCandidates, detect_cores
-from her2_kedro.tma.grid import DearrayResult, GridCore, core_box, fit_grid
+from her2_kedro.tma.grid import (
+    DearrayResult,
+    GridCore,
+    core_box,
+    fit_grid,
+    lattice_on_tissue,
+)
 from her2_kedro.tma.grid_labels import canonical_label, grid_label, parse_grid_label
 from her2_kedro.tma.refine import diameter_on_grid, refine_on_tissue
 from her2_kedro.tma.wsi import SlideReader
@@ -67,6 +75,13 @@ def dearray_slide(
 def _fit_grid_measured(cand: CoreCandidates, params: DearrayConfig) -> DearrayResult:
     """Fit the grid to the blobs; without a given diameter, measure it around the grid's nodes.
 
+    When more than about half the cores are cut into pieces (lumens opening onto the glass),
+    the blobs' neighbour distances and directions are those of the pieces and the grid comes
+    out at the wrong scale or angle. The autocorrelation of the tissue mask shows the lattice
+    however the cores are cut (``tma.grid.lattice_on_tissue``): when the blob grid is off it
+    (``Lattice.differs``), the grid is fitted again with that rotation and those pitches, and
+    every later fit keeps them. Where the blob grid agrees, it stands as it is.
+
     Blob areas underestimate cores that lumens or pale stroma cut apart (real cores: only
     24-47 % of a core is darker than the grey-220 rule), and with too small a diameter the grid
     fit may take the pieces of a core for neighbouring cores. So the diameter is measured on
@@ -75,13 +90,20 @@ def _fit_grid_measured(cand: CoreCandidates, params: DearrayConfig) -> DearrayRe
     diameter is measured again on that grid.
     """
     result = fit_grid(cand.xy, cand.diameter_px, params, cand.area)
+    lattice = lattice_on_tissue(cand.tissue, cand.downsample, cand.diameter_px)
+    if lattice is not None and lattice.differs(
+        result.rotation_deg, result.pitch_x_px, result.pitch_y_px
+    ):
+        result = fit_grid(cand.xy, cand.diameter_px, params, cand.area, lattice)
+    else:
+        lattice = None
     if params.core_diameter_px is not None:
         return result
     d = diameter_on_grid(result, cand.tissue, cand.downsample)
     if d is None:
         return result
     if abs(d - cand.diameter_px) > 0.1 * cand.diameter_px:
-        refit = fit_grid(cand.xy, d, params, cand.area)
+        refit = fit_grid(cand.xy, d, params, cand.area, lattice)
         d = diameter_on_grid(refit, cand.tissue, cand.downsample) or d
         result = refit
     result.diameter_px = d
