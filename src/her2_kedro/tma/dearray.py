@@ -5,7 +5,7 @@ time are ever held in memory, so slides of any size dearray in bounded memory.
 
 Pipeline (``dearray_slide``): blobs of the thumbnail's tissue mask (``tma.detect``) give the
 grid's rotation, pitches and labels (``tma.grid.fit_grid``); when that grid is off the lattice
-that the autocorrelation of the faint tissue mask shows (``tma.grid.lattice_on_tissue``), as
+that the autocorrelation of the faint tissue mask shows (``tma.lattice.lattice_on_tissue``), as
 when many cores are cut into pieces, the grid is fitted again on that lattice; unless given,
 the core diameter is then measured on the tissue around the grid's nodes, where the pieces of a
 core that lumens cut apart are bridged (``tma.refine.diameter_on_grid``; the grid is refitted when the blob estimate
@@ -29,9 +29,9 @@ from her2_kedro.tma.grid import (
     GridCore,
     core_box,
     fit_grid,
-    lattice_on_tissue,
 )
 from her2_kedro.tma.grid_labels import canonical_label, grid_label, parse_grid_label
+from her2_kedro.tma.lattice import lattice_on_tissue
 from her2_kedro.tma.refine import diameter_on_grid, refine_on_tissue
 from her2_kedro.tma.wsi import SlideReader
 
@@ -78,7 +78,7 @@ def _fit_grid_measured(cand: CoreCandidates, params: DearrayConfig) -> DearrayRe
     When more than about half the cores are cut into pieces (lumens opening onto the glass),
     the blobs' neighbour distances and directions are those of the pieces and the grid comes
     out at the wrong scale or angle. The autocorrelation of the tissue mask shows the lattice
-    however the cores are cut (``tma.grid.lattice_on_tissue``): when the blob grid is off it
+    however the cores are cut (``tma.lattice.lattice_on_tissue``): when the blob grid is off it
     (``Lattice.differs``), the grid is fitted again with that rotation and those pitches, and
     every later fit keeps them. Where the blob grid agrees, it stands as it is.
 
