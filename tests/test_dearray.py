@@ -292,31 +292,37 @@ def test_edge_line_of_broken_cores_keeps_labels(tmp_path: Path, edge: str) -> No
     assert res.missing == [] and res.rejected == []
 
 
-@pytest.mark.parametrize(
-    ("seed", "cell"),
-    [(57, 6), (69, 6), (57, 12), (5, 12)],
-)
-def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int, cell: int) -> None:
-    """The project's slide writer, small cores: a touching pair with lumens merged into one
-    off-grid blob and both cores were lost (seeds found by search). With cells at the demo's
-    scale (cell 12 px in a 129 px core, as 60 px in 640 px) lumens and pale stroma cut cores
-    into pieces that were fitted as extra grid rows and columns."""
+def _rendered_slide(
+    path: Path,
+    seed: int,
+    *,
+    shape: tuple[int, int],
+    diameter: int,
+    pitch: int,
+    rotation: float,
+    n_missing: int,
+    n_debris: int,
+    n_touching: int,
+    core_size: int,
+    cell: float,
+    rng: np.random.Generator,
+):
+    """A TMA slide written by the project's slide writer with cores from its own renderer, drawn
+    from ``rng`` after the caller's own draws (pitch, rotation): (path, spec, present cores)."""
     from her2_kedro.synthetic.render import CoreSpec, render_core
     from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
 
-    rng = np.random.default_rng(seed)
-    d = 120
-    labels = [core_label(r, c) for r in range(4) for c in range(5)]
+    labels = [core_label(r, c) for r in range(shape[0]) for c in range(shape[1])]
     spec = SlideSpec(
-        n_rows=4,
-        n_cols=5,
-        core_diameter_px=d,
-        pitch_px=int(d * rng.uniform(1.15, 1.35)),
-        rotation_deg=float(rng.uniform(-4, 4)),
+        n_rows=shape[0],
+        n_cols=shape[1],
+        core_diameter_px=diameter,
+        pitch_px=pitch,
+        rotation_deg=rotation,
         jitter_px=3.0,
-        missing=tuple(rng.choice(labels, 2, replace=False)),
-        n_debris=4,
-        n_touching=1,
+        missing=tuple(rng.choice(labels, n_missing, replace=False)),
+        n_debris=n_debris,
+        n_touching=n_touching,
         margin_px=64,
         tile_size=256,
     )
@@ -328,14 +334,40 @@ def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int, ce
             ihc_score=int(scores[k]),
             her2_status=0,
             status_cue=False,
-            size=129,
+            size=core_size,
             cell_diameter_px=cell,
         )
         return render_core(cs, np.random.default_rng([seed, k]))
 
-    path = tmp_path / "real.tif"
     layout = write_synthetic_slide(path, spec, core, np.random.default_rng([seed, 1]))
-    truth = layout[layout["present"]].set_index("core")
+    return path, spec, layout[layout["present"]].set_index("core")
+
+
+@pytest.mark.parametrize(
+    ("seed", "cell"),
+    [(57, 6), (69, 6), (57, 12), (5, 12)],
+)
+def test_realistic_slide_touching_pair_with_lumens(tmp_path: Path, seed: int, cell: int) -> None:
+    """The project's slide writer, small cores: a touching pair with lumens merged into one
+    off-grid blob and both cores were lost (seeds found by search). With cells at the demo's
+    scale (cell 12 px in a 129 px core, as 60 px in 640 px) lumens and pale stroma cut cores
+    into pieces that were fitted as extra grid rows and columns."""
+    d = 120
+    rng = np.random.default_rng(seed)
+    path, spec, truth = _rendered_slide(
+        tmp_path / "real.tif",
+        seed,
+        shape=(4, 5),
+        diameter=d,
+        pitch=int(d * rng.uniform(1.15, 1.35)),
+        rotation=float(rng.uniform(-4, 4)),
+        n_missing=2,
+        n_debris=4,
+        n_touching=1,
+        core_size=129,
+        cell=cell,
+        rng=rng,
+    )
     with open_slide(path) as r:
         res = dearray_slide(r, DearrayConfig(thumbnail_max_side=600))
     assert sorted(c.label for c in res.cores) == sorted(truth.index)
@@ -353,41 +385,22 @@ def test_real_scale_cores_cut_by_lumens_keep_their_diameter(tmp_path: Path, seed
     into pieces on both tissue masks. Blob areas put the diameter at 430-520 px, so extracted
     cores lost their rims, the pieces were reported as debris and, for seed 1, the grid was fitted
     to the pieces (5 x 4 at -37 degrees)."""
-    from her2_kedro.synthetic.render import CoreSpec, render_core
-    from her2_kedro.synthetic.slide import SlideSpec, core_label, write_synthetic_slide
-
-    rng = np.random.default_rng(seed)
     d = 640
-    labels = [core_label(r, c) for r in range(3) for c in range(4)]
-    spec = SlideSpec(
-        n_rows=3,
-        n_cols=4,
-        core_diameter_px=d,
-        pitch_px=int(d * 1.19),
-        rotation_deg=float(rng.uniform(-3, 3)),
-        jitter_px=3.0,
-        missing=tuple(rng.choice(labels, 1, replace=False)),
+    rng = np.random.default_rng(seed)
+    path, spec, truth = _rendered_slide(
+        tmp_path / "real_scale.tif",
+        seed,
+        shape=(3, 4),
+        diameter=d,
+        pitch=int(d * 1.19),
+        rotation=float(rng.uniform(-3, 3)),
+        n_missing=1,
         n_debris=3,
         n_touching=0,
-        margin_px=64,
-        tile_size=256,
+        core_size=int(round(d / 0.93)),
+        cell=60,
+        rng=rng,
     )
-    scores = rng.integers(0, 4, size=len(labels))
-
-    def core(label: str) -> np.ndarray:
-        k = labels.index(label)
-        cs = CoreSpec(
-            ihc_score=int(scores[k]),
-            her2_status=0,
-            status_cue=False,
-            size=int(round(d / 0.93)),
-            cell_diameter_px=60,
-        )
-        return render_core(cs, np.random.default_rng([seed, k]))
-
-    path = tmp_path / "real_scale.tif"
-    layout = write_synthetic_slide(path, spec, core, np.random.default_rng([seed, 1]))
-    truth = layout[layout["present"]].set_index("core")
     with open_slide(path) as r:
         res = dearray_slide(r, DearrayConfig(thumbnail_max_side=1270))
     assert res.diameter_px == pytest.approx(d, rel=0.1)
