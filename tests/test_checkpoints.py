@@ -14,6 +14,7 @@ from her2_kedro.modelling.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
+from her2_kedro.modelling.encoders import build_encoder
 
 PARAMS = {"n_classes": 4, "in_dim": 64, "hidden_dim": 16}
 
@@ -155,3 +156,16 @@ def test_sha256_follows_the_content(saved, tmp_path) -> None:
         model.classifier.bias.add_(1.0)
     other = save_checkpoint(tmp_path / "other.pt", model, "attention_mil", PARAMS)
     assert checkpoint_sha256(other) != digest
+
+
+def test_encoder_trunk_round_trip_also_feeds_build_encoder(tmp_path) -> None:
+    torch.manual_seed(0)
+    trunk, _ = build_encoder("resnet18")
+    path = save_checkpoint(tmp_path / "trunk.pt", trunk, "encoder", {"name": "resnet18"})
+    loaded = load_checkpoint(path, expected_arch="encoder", expected={"name": "resnet18"})
+    again, _ = build_encoder("resnet18", weights=path)  # the same file as encoder weights
+    x = torch.rand(2, 3, 32, 32)
+    trunk.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.allclose(trunk(x), loaded.model(x))
+        assert torch.allclose(trunk(x), again(x))

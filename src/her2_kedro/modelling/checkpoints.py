@@ -40,6 +40,7 @@ class CheckpointError(RuntimeError):
 
 
 def _encoder_trunk(name: str = "resnet34", weights: str | None = None) -> nn.Module:
+    """A bare trunk (arch ``"encoder"``), e.g. a backbone trained here and frozen for the cache."""
     return build_encoder(name, weights)[0]
 
 
