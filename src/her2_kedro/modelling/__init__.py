@@ -1,1 +1,2 @@
-"""The models: the intensity logistic regression now; attention MIL, ResNet34 and CLAM to come."""
+"""The models: intensity logistic regression; tile bags, sampling, encoders, attention MIL and
+checkpoints for the CNNs."""
