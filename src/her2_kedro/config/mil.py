@@ -1,4 +1,5 @@
-"""Parameters of MIL tile bags and class-balanced sampling (not yet wired into a YAML section).
+"""Parameters of MIL tile bags, class-balanced sampling and the training loop (not yet wired into
+a YAML section).
 
 The tile rule itself (tile size, stride, background grey, minimum tissue) is the shared
 :class:`~her2_kedro.config.shared.TileConfig` of ``parameters_tiles.yml``; these models hold only
@@ -6,6 +7,8 @@ what is specific to building bags for a model and drawing training cores.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -35,3 +38,30 @@ class SamplingConfig(Strict):
     training core)."""
 
     num_samples: int | None = Field(None, ge=1)
+
+
+class TrainingConfig(Strict):
+    """The shared torch training loop (:func:`her2_kedro.modelling.training.train`).
+
+    Adam (``lr``, ``betas``, ``weight_decay``: the authors' 1e-3, (0.9, 0.999), 1e-8); the learning
+    rate is multiplied by ``plateau_factor`` once validation balanced accuracy has not improved for
+    more than ``plateau_patience`` epochs; training stops after ``early_stopping_patience`` epochs
+    without improvement (``None``: never early). ``selection`` returns the best validation epoch
+    (ties: the earlier) or the ``last`` (the authors' code). ``device``: ``auto`` (CUDA if
+    available, else CPU) or a torch device string; ``bf16`` autocasts on CUDA only.
+    ``grad_accumulation`` bags (batch size 1) are summed into one optimiser step.
+    """
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-8, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_epochs: int = Field(20, ge=1)
+    plateau_factor: float = Field(0.3, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=0)
+    early_stopping_patience: int | None = Field(10, ge=1)
+    selection: Literal["best_val", "last"] = "best_val"
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    bf16: bool = True
+    grad_accumulation: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
