@@ -1,0 +1,455 @@
+"""One training loop for every torch MIL-style model (attention MIL, CLAM, ResNet on whole cores).
+
+A model maps one bag (``Bag.tiles``: tiles or embeddings) to an output with ``.logits``
+``(n_classes,)``. The loop trains with Adam and plain cross-entropy (class balance comes only from
+the sampler, as the authors did), one bag per step with optional gradient accumulation; after each
+epoch it scores the validation bags, reduces the learning rate on a plateau of validation balanced
+accuracy, stops early when it stalls, and keeps the best and the last weights.
+
+Honesty by construction: :func:`train` takes a training and a validation dataset and nothing else;
+gradients flow only from training items and validation items only select (learning rate, early
+stop, checkpoint). Test cores are scored elsewhere, once.
+
+Reproducible: a fresh run seeds torch / numpy / ``random`` from ``config.seed``; the training order
+is the sampler's (``set_epoch`` each epoch) or a seeded permutation per epoch. After every epoch a
+resume checkpoint (weights, optimiser, scheduler, counters, best weights, history and RNG states)
+is written atomically, and ``train(..., resume_from=path)`` continues so that an interrupted and
+resumed run ends with the same weights and history as an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from her2_kedro.config.mil import TrainingConfig
+from her2_kedro.evaluation.metrics import classification_metrics
+
+from .checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+
+__all__ = [
+    "EpochCallback",
+    "TrainingResult",
+    "TrainState",
+    "evaluate",
+    "resolve_device",
+    "train",
+]
+
+#: ``on_epoch_end(epoch, metrics)``: called after each epoch (and after its resume checkpoint).
+EpochCallback = Callable[[int, dict[str, float]], None]
+#: Training settings that must match for a resume to continue the same run (others may change).
+_RESUME_MAY_DIFFER = ("max_epochs", "device", "num_workers")
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train` returns; the model itself is left holding ``state_dict``.
+
+    ``state_dict``: the selected weights (CPU); ``selected_epoch``: their epoch (0-based);
+    ``best_epoch`` / ``best_val_balanced_accuracy``: the best validation epoch; ``last_state_dict``:
+    the final epoch's weights; ``history``: one dict per epoch (``epoch``, ``train_loss``, ``lr``,
+    ``val_loss``, ``val_balanced_accuracy`` and the other validation metrics prefixed ``val_``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    selected_epoch: int
+    best_epoch: int
+    best_val_balanced_accuracy: float
+    last_state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    stopped_early: bool
+    device: str
+
+
+@dataclass
+class TrainState:
+    """The loop's own progress: what a resume checkpoint must restore besides model and optimiser."""
+
+    next_epoch: int = 0
+    best_score: float = float("-inf")
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other string is taken as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA only (CPU stays float32: exact, deterministic and usually faster)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the model's weights (kept as best / last state)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy's and Python's global generators for a fresh run."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_states() -> dict[str, Any]:
+    """Global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss if py_gauss is None else float(py_gauss),
+        },
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`_rng_states` captured."""
+    torch.set_rng_state(states["torch"])
+    npy = states["numpy"]
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["gauss"],
+        )
+    )
+    py = states["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _set_epoch(epoch: int, *things: Any) -> None:
+    """Call ``set_epoch(epoch)`` on every sampler / dataset that has it (fresh draws each epoch)."""
+    for thing in things:
+        if thing is not None and hasattr(thing, "set_epoch"):
+            thing.set_epoch(epoch)
+
+
+def _training_order(
+    dataset: Dataset, sampler: Iterable[int] | None, seed: int, epoch: int
+) -> Iterable[int]:
+    """The epoch's item order: the sampler's, or a permutation seeded by (seed, epoch)."""
+    if sampler is not None:
+        return sampler
+    return np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
+
+
+def _loader(dataset: Dataset, order: Iterable[int] | None, config: TrainingConfig, device):
+    """One bag per step (``batch_size=None``), in ``order``; workers only if configured."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=order,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _bag_loss(model: nn.Module, bag: Any, device: torch.device, bf16: bool) -> torch.Tensor:
+    """Cross-entropy of one bag's logits against its label (float32 loss even under autocast)."""
+    tiles = bag.tiles.to(device, non_blocking=True)
+    target = torch.as_tensor([int(bag.label)], device=device)
+    with _autocast(device, bf16):
+        logits = model(tiles).logits
+    return F.cross_entropy(logits.float().reshape(1, -1), target)
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    config: TrainingConfig,
+    device: torch.device,
+    bar: tqdm,
+) -> float:
+    """One pass over the training bags; returns the mean per-bag loss.
+
+    Gradients of ``grad_accumulation`` bags are averaged into one step; the last, shorter group is
+    averaged over its own size and stepped too.
+    """
+    model.train()
+    n, accum = len(loader), config.grad_accumulation
+    total = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for i, bag in enumerate(loader):
+        group_start = (i // accum) * accum
+        group_size = min(accum, n - group_start)
+        loss = _bag_loss(model, bag, device, config.bf16)
+        (loss / group_size).backward()
+        total += float(loss.detach())
+        if i == group_start + group_size - 1:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
+    return total / max(n, 1)
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    bf16: bool = True,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Validation metrics of ``model`` on labelled bags: mean ``loss`` and
+    :func:`~her2_kedro.evaluation.metrics.classification_metrics` (balanced accuracy, ...)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    y_true, probs, losses = [], [], []
+    with torch.inference_mode():
+        for bag in loader:
+            tiles = bag.tiles.to(device, non_blocking=True)
+            with _autocast(device, bf16):
+                logits = model(tiles).logits.float().reshape(1, -1)
+            target = torch.as_tensor([int(bag.label)], device=device)
+            losses.append(float(F.cross_entropy(logits, target)))
+            probs.append(torch.softmax(logits, dim=1)[0].cpu().numpy())
+            y_true.append(int(bag.label))
+    score = np.stack(probs)
+    metrics = classification_metrics(
+        y_true, score.argmax(1), score, labels=list(range(score.shape[1]))
+    )
+    return {"loss": float(np.mean(losses)), **metrics}
+
+
+def _record_epoch(
+    state: TrainState, epoch: int, score: float, model: nn.Module, patience: int | None
+) -> None:
+    """Keep the best weights (strictly better only: ties keep the earlier epoch) and count stalls."""
+    if score > state.best_score:
+        state.best_score, state.best_epoch = score, epoch
+        state.best_state = _cpu_state(model)
+        state.epochs_without_improvement = 0
+    else:
+        state.epochs_without_improvement += 1
+    state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
+    state.next_epoch = epoch + 1
+
+
+def _save_resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    state: TrainState,
+    config: TrainingConfig,
+    arch: str,
+    params: Mapping[str, Any],
+) -> None:
+    """Write everything a resume needs (see the module docstring) via ``save_checkpoint``."""
+    extras = {
+        "kind": "resume",
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "next_epoch": state.next_epoch,
+        "best_score": float(state.best_score),
+        "best_epoch": state.best_epoch,
+        "best_state": state.best_state or {},
+        "epochs_without_improvement": state.epochs_without_improvement,
+        "stopped_early": state.stopped_early,
+        "history": [dict(h) for h in state.history],
+        "rng": _rng_states(),
+    }
+    save_checkpoint(
+        path,
+        model,
+        arch,
+        params,
+        training=config.model_dump(mode="json"),
+        epoch=state.next_epoch - 1,
+        extras=extras,
+    )
+
+
+def _load_resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    config: TrainingConfig,
+) -> TrainState:
+    """Restore model, optimiser, scheduler, RNGs and the loop's state from a resume checkpoint.
+
+    Raises :class:`CheckpointError` naming the file if it is not a resume checkpoint or was made
+    with different training settings (only ``max_epochs``, ``device``, ``num_workers`` may change).
+    """
+    payload = read_checkpoint(path)
+    extras = payload.get("extras") or {}
+    if extras.get("kind") != "resume":
+        raise CheckpointError(f"{path}: not a resume checkpoint of the training loop")
+    saved = payload["meta"].get("training", {})
+    now = config.model_dump(mode="json")
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in now.items()
+        if k not in _RESUME_MAY_DIFFER and saved.get(k) != v
+    ]
+    if diff:
+        raise CheckpointError(f"{path}: training settings differ: " + "; ".join(diff))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from exc
+    optimizer.load_state_dict(extras["optimizer"])
+    scheduler.load_state_dict(extras["scheduler"])
+    _set_rng_states(extras["rng"])
+    return TrainState(
+        next_epoch=int(extras["next_epoch"]),
+        best_score=float(extras["best_score"]),
+        best_epoch=int(extras["best_epoch"]),
+        best_state=dict(extras["best_state"]) or None,
+        epochs_without_improvement=int(extras["epochs_without_improvement"]),
+        stopped_early=bool(extras["stopped_early"]),
+        history=[dict(h) for h in extras["history"]],
+    )
+
+
+def _run_epoch(
+    epoch: int,
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    sampler: Iterable[int] | None,
+    optimizer: torch.optim.Optimizer,
+    config: TrainingConfig,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, float]:
+    """Train one epoch on the training bags, then score the validation bags; the epoch's metrics."""
+    _set_epoch(epoch, sampler, train_data, val_data)
+    order = _training_order(train_data, sampler, config.seed, epoch)
+    loader = _loader(train_data, order, config, device)
+    lr = float(optimizer.param_groups[0]["lr"])
+    with tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
+        train_loss = _train_epoch(model, loader, optimizer, config, device, bar)
+    val = evaluate(model, val_data, device, bf16=config.bf16, num_workers=config.num_workers)
+    return {
+        "epoch": float(epoch),
+        "train_loss": train_loss,
+        "lr": lr,
+        **{f"val_{k}": float(v) for k, v in val.items()},
+    }
+
+
+def train(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    config: TrainingConfig | None = None,
+    *,
+    sampler: Iterable[int] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    arch: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` on ``train_data``, select on ``val_data``; see the module docstring.
+
+    Items are :class:`~her2_kedro.modelling.bags.Bag`-like (``tiles``, ``label``). ``sampler``
+    orders training items (e.g. :class:`~her2_kedro.modelling.sampling.FiveClassSampler`).
+    ``checkpoint_path`` receives a resume checkpoint after each epoch (``arch`` / ``params`` make it
+    loadable by :func:`~her2_kedro.modelling.checkpoints.load_checkpoint` as the last weights);
+    ``resume_from`` continues such a run. The model is left holding the selected weights.
+    """
+    config = config or TrainingConfig()
+    if len(val_data) == 0:
+        raise ValueError("the validation set is empty: nothing to select a checkpoint on")
+    if checkpoint_path is not None and (arch is None or params is None):
+        raise ValueError("checkpoint_path needs arch and params (to rebuild the model from it)")
+    device = resolve_device(config.device)
+    model.to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
+    )
+    if resume_from is not None:
+        state = _load_resume(Path(resume_from), model, optimizer, scheduler, config)
+    else:
+        _seed_everything(config.seed)
+        state = TrainState()
+    while state.next_epoch < config.max_epochs and not state.stopped_early:
+        epoch = state.next_epoch
+        metrics = _run_epoch(
+            epoch, model, train_data, val_data, sampler, optimizer, config, device, progress
+        )
+        scheduler.step(metrics["val_balanced_accuracy"])
+        _record_epoch(
+            state, epoch, metrics["val_balanced_accuracy"], model, config.early_stopping_patience
+        )
+        state.history.append(metrics)
+        if checkpoint_path is not None:
+            _save_resume(
+                Path(checkpoint_path), model, optimizer, scheduler, state, config, arch, params
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(metrics))
+    return _finish(model, state, config, device)
+
+
+def _finish(
+    model: nn.Module, state: TrainState, config: TrainingConfig, device: torch.device
+) -> TrainingResult:
+    """Load the selected weights into the model and package the result."""
+    if not state.history:
+        raise ValueError("no epoch was trained (max_epochs already reached by the resumed run?)")
+    last = _cpu_state(model)
+    last_epoch = len(state.history) - 1
+    if config.selection == "best_val" and state.best_state is not None:
+        selected, selected_epoch = state.best_state, state.best_epoch
+    else:
+        selected, selected_epoch = last, last_epoch
+    model.load_state_dict(selected)
+    return TrainingResult(
+        state_dict=selected,
+        selected_epoch=selected_epoch,
+        best_epoch=state.best_epoch,
+        best_val_balanced_accuracy=float(state.best_score),
+        last_state_dict=last,
+        history=state.history,
+        stopped_early=state.stopped_early,
+        device=str(device),
+    )
