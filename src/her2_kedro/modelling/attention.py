@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .encoders import build_encoder
+from her2_kedro.modelling.encoders import build_encoder
 
 
 class MILOutput(NamedTuple):

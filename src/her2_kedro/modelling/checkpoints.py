@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import build_attention_mil
-from .encoders import build_encoder
+from her2_kedro.modelling.attention import build_attention_mil
+from her2_kedro.modelling.encoders import build_encoder
 
 FORMAT = "her2_kedro.checkpoint"
 SCHEMA_VERSION = 1

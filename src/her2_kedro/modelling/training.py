@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,8 @@ from tqdm.auto import tqdm
 
 from her2_kedro.config.mil import TrainingConfig
 from her2_kedro.evaluation.metrics import classification_metrics
-
-from .checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from her2_kedro.modelling.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from her2_kedro.modelling.reproducibility import rng_states, seed_everything, set_rng_states
 
 __all__ = [
     "EpochCallback",
@@ -104,56 +103,6 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the model's weights (kept as best / last state)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy's and Python's global generators for a fresh run."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rng_states() -> dict[str, Any]:
-    """Global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(py_state, dtype=torch.int64),
-            "gauss": py_gauss if py_gauss is None else float(py_gauss),
-        },
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = list(torch.cuda.get_rng_state_all())
-    return states
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`_rng_states` captured."""
-    torch.set_rng_state(states["torch"])
-    npy = states["numpy"]
-    np.random.set_state(
-        (
-            npy["kind"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["gauss"],
-        )
-    )
-    py = states["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _set_epoch(epoch: int, *things: Any) -> None:
@@ -288,7 +237,7 @@ def _save_resume(
         "epochs_without_improvement": state.epochs_without_improvement,
         "stopped_early": state.stopped_early,
         "history": [dict(h) for h in state.history],
-        "rng": _rng_states(),
+        "rng": rng_states(),
     }
     save_checkpoint(
         path,
@@ -332,7 +281,7 @@ def _load_resume(
         raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from exc
     optimizer.load_state_dict(extras["optimizer"])
     scheduler.load_state_dict(extras["scheduler"])
-    _set_rng_states(extras["rng"])
+    set_rng_states(extras["rng"])
     return TrainState(
         next_epoch=int(extras["next_epoch"]),
         best_score=float(extras["best_score"]),
@@ -409,7 +358,7 @@ def train(
     if resume_from is not None:
         state = _load_resume(Path(resume_from), model, optimizer, scheduler, config)
     else:
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         state = TrainState()
     while state.next_epoch < config.max_epochs and not state.stopped_early:
         epoch = state.next_epoch
