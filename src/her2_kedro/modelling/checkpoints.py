@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from her2_kedro.modelling.attention import build_attention_mil
-from her2_kedro.modelling.encoders import build_encoder
+from her2_kedro.modelling.encoders import build_encoder, state_mismatches
 
 FORMAT = "her2_kedro.checkpoint"
 SCHEMA_VERSION = 1
@@ -181,21 +181,9 @@ def _check_expected(
 
 def _check_state(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Name missing and unexpected keys and shape mismatches before a strict load."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing keys {missing[:5]} ({len(missing)} in all)" if missing else "",
-            f"unexpected keys {unexpected[:5]} ({len(unexpected)} in all)" if unexpected else "",
-            f"shape mismatches {shapes[:5]}" if shapes else "",
-        ]
-        raise CheckpointError(f"{path}: state dict mismatch: " + "; ".join(p for p in parts if p))
+    problems = state_mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{path}: state dict mismatch: " + "; ".join(problems))
 
 
 def load_checkpoint(

@@ -87,6 +87,26 @@ def extract_trunk_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+def state_mismatches(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Missing and unexpected keys and shape mismatches of ``state`` against ``expected``, in
+    words (first five of each), for errors that say why a strict load would fail."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = [
+        f"missing keys {missing[:5]} ({len(missing)} in all)" if missing else "",
+        f"unexpected keys {unexpected[:5]} ({len(unexpected)} in all)" if unexpected else "",
+        f"shape mismatches {shapes[:5]}" if shapes else "",
+    ]
+    return [p for p in parts if p]
+
+
 def load_trunk_state(trunk: nn.Module, path: Path, name: str) -> None:
     """Load a trunk state dict from ``path`` strictly; any problem raises ``EncoderError`` naming it."""
     if not path.is_file():
@@ -96,17 +116,7 @@ def load_trunk_state(trunk: nn.Module, path: Path, name: str) -> None:
     except Exception as exc:  # torch raises several types for truncated / garbage files
         raise EncoderError(f"{path}: cannot read encoder weights ({exc})") from exc
     state = extract_trunk_state(obj, path)
-    expected = trunk.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise EncoderError(
-            f"{path}: weights do not match {name}: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)}), shape mismatches {shapes[:5]}"
-        )
+    problems = state_mismatches(trunk.state_dict(), state)
+    if problems:
+        raise EncoderError(f"{path}: weights do not match {name}: " + "; ".join(problems))
     trunk.load_state_dict(state, strict=True)
