@@ -33,13 +33,6 @@ class BagConfig(Strict):
     flips: bool = True
 
 
-class SamplingConfig(Strict):
-    """Five-class balanced sampling of training cores; ``num_samples`` per epoch (None: one per
-    training core)."""
-
-    num_samples: int | None = Field(None, ge=1)
-
-
 class TrainingConfig(Strict):
     """The shared torch training loop (:func:`her2_kedro.modelling.training.train`).
 
