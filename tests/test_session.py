@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -109,3 +110,10 @@ def test_old_manifest_version_with_changed_cores_stops_preprocessing(project):
             session.run(pipeline_names=["preprocessing"], load_versions={"core_manifest": version})
     assert version in str(err.value) and first["core_id"] in str(err.value)
     assert second["core_id"] not in str(err.value)
+
+
+def test_our_tests_package_wins_over_torchmils():
+    """torchmil's wheel installs a top-level ``tests`` package; ``from tests...`` must be ours."""
+    import tests
+
+    assert Path(tests.__file__).resolve().parent == PROJECT / "tests"

@@ -132,13 +132,24 @@ def _loader(dataset: Dataset, order: Iterable[int] | None, config: TrainingConfi
     )
 
 
+def _targets(bag: Any, device: torch.device) -> torch.Tensor:
+    """The item's label(s) as a 1-d long tensor: one per bag, or one per core of a core batch."""
+    return torch.as_tensor(bag.label, dtype=torch.long, device=device).reshape(-1)
+
+
 def _bag_loss(model: nn.Module, bag: Any, device: torch.device, bf16: bool) -> torch.Tensor:
-    """Cross-entropy of one bag's logits against its label (float32 loss even under autocast)."""
+    """The training loss of one item (a bag, or a batch of whole cores), in float32.
+
+    Cross-entropy of the logits against the label(s), unless the model defines
+    ``training_loss(output, target)`` (CLAM adds its instance-clustering loss that way).
+    """
     tiles = bag.tiles.to(device, non_blocking=True)
-    target = torch.as_tensor([int(bag.label)], device=device)
+    target = _targets(bag, device)
     with _autocast(device, bf16):
-        logits = model(tiles).logits
-    return F.cross_entropy(logits.float().reshape(1, -1), target)
+        output = model(tiles)
+    if hasattr(model, "training_loss"):
+        return model.training_loss(output, target).float()
+    return F.cross_entropy(output.logits.float().reshape(len(target), -1), target)
 
 
 def _train_epoch(
@@ -188,17 +199,17 @@ def evaluate(
     with torch.inference_mode():
         for bag in loader:
             tiles = bag.tiles.to(device, non_blocking=True)
+            target = _targets(bag, device)
             with _autocast(device, bf16):
-                logits = model(tiles).logits.float().reshape(1, -1)
-            target = torch.as_tensor([int(bag.label)], device=device)
-            losses.append(float(F.cross_entropy(logits, target)))
-            probs.append(torch.softmax(logits, dim=1)[0].cpu().numpy())
-            y_true.append(int(bag.label))
-    score = np.stack(probs)
+                logits = model(tiles).logits.float().reshape(len(target), -1)
+            losses.append(float(F.cross_entropy(logits, target, reduction="sum")))
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            y_true.extend(target.tolist())
+    score = np.concatenate(probs)
     metrics = classification_metrics(
         y_true, score.argmax(1), score, labels=list(range(score.shape[1]))
     )
-    return {"loss": float(np.mean(losses)), **metrics}
+    return {"loss": float(np.sum(losses) / len(y_true)), **metrics}
 
 
 def _record_epoch(
