@@ -13,6 +13,14 @@ from pydantic import BaseModel, ValidationError
 
 from her2_kedro.config.ingestion import DearrayConfig, ImageChecks, IngestionParams, SplitConfig
 from her2_kedro.config.intensity import IntensityModelConfig, IntensityStudyParams, TaskConfig
+from her2_kedro.config.mil import BagConfig, TrainingConfig
+from her2_kedro.config.models import (
+    TRAINED_ENCODER,
+    EncoderConfig,
+    ImageConfig,
+    TorchModelConfig,
+    TorchStudyParams,
+)
 from her2_kedro.config.preprocessing import (
     PreprocessingParams,
     StainNormalisationConfig,
@@ -23,8 +31,11 @@ from her2_kedro.config.synthetic import ArtefactRates, SyntheticParams, Syntheti
 
 __all__ = [
     "ArtefactRates",
+    "BagConfig",
     "CohortsConfig",
     "DearrayConfig",
+    "EncoderConfig",
+    "ImageConfig",
     "ImageChecks",
     "IngestionParams",
     "IntensityModelConfig",
@@ -39,6 +50,11 @@ __all__ = [
     "TaskConfig",
     "ThresholdConfig",
     "TileConfig",
+    "TORCH_STUDIES",
+    "TorchModelConfig",
+    "TorchStudyParams",
+    "TrainingConfig",
+    "TRAINED_ENCODER",
     "validate_parameters",
 ]
 
@@ -49,7 +65,13 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "intensity_study": IntensityStudyParams,
     "tiles": TileConfig,
     "cohorts": CohortsConfig,
+    "encoder": EncoderConfig,
+    "mil_study": TorchStudyParams,
+    "resnet_study": TorchStudyParams,
+    "clam_study": TorchStudyParams,
 }
+#: The torch studies, by the pipeline that runs them.
+TORCH_STUDIES: dict[str, str] = {"mil": "mil_study", "resnet": "resnet_study", "clam": "clam_study"}
 
 
 class ParameterError(ValueError):

@@ -1,5 +1,5 @@
-"""Parameters of MIL tile bags, class-balanced sampling and the training loop (not yet wired into
-a YAML section).
+"""Parameters of MIL tile bags and of the shared training loop (parts of the ``encoder`` and
+``*_study`` sections, :mod:`her2_kedro.config.models`).
 
 The tile rule itself (tile size, stride, background grey, minimum tissue) is the shared
 :class:`~her2_kedro.config.shared.TileConfig` of ``parameters_tiles.yml``; these models hold only

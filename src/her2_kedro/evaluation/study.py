@@ -152,22 +152,42 @@ def evaluate(
     splits: Sequence[str] = ("train", "val", "test", EXTERNAL_SPLIT),
     provenance: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
-    """Predictions for every core, metric rows per split, and confusion tables per split.
-
-    ``provenance`` (``run_id``, ``manifest_version``) is written into every predictions and metrics
-    row, so rows of different runs can be told apart once merged into the shared tables.
-    """
-    proba, predicted = class_probabilities(
+    """Predictions for every core, metric rows per split, and confusion tables per split."""
+    proba, _ = class_probabilities(
         model, table[["core_id", *feature_names]].set_index("core_id"), task
     )
+    return evaluate_probabilities(table, proba, task, model_name, splits, provenance)
+
+
+def evaluate_probabilities(
+    table: pd.DataFrame,
+    proba: np.ndarray,
+    task: Task,
+    model_name: str,
+    splits: Sequence[str] = ("train", "val", "test", EXTERNAL_SPLIT),
+    provenance: Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Predictions, metric rows per split and confusion tables from any model's probabilities.
+
+    ``proba`` is ``(len(table), len(task.classes))`` in the table's row order; the predicted class
+    is its argmax. ``provenance`` (``run_id``, ``manifest_version``) is written into every
+    predictions and metrics row, so rows of different runs can be told apart once merged.
+    """
+    proba = np.asarray(proba, dtype=float)
+    if proba.shape != (len(table), len(task.classes)):
+        raise ValueError(
+            f"{model_name} / {task.name}: probabilities of shape {proba.shape}, expected "
+            f"{(len(table), len(task.classes))}"
+        )
+    predicted = np.asarray(task.classes)[proba.argmax(axis=1)] if len(table) else np.array([])
     predictions = pd.DataFrame(
         {
             "model": model_name,
             "task": task.name,
-            "core_id": table["core_id"],
-            "split": table["split"],
-            "five_class": table["five_class"],
-            "y_true": table["y"].astype(int),
+            "core_id": table["core_id"].to_numpy(),
+            "split": table["split"].to_numpy(),
+            "five_class": table["five_class"].to_numpy(),
+            "y_true": table["y"].astype(int).to_numpy(),
             "y_pred": predicted.astype(int),
         }
     )

@@ -5,7 +5,9 @@ Stain vectors, their estimation and checks live in :mod:`her2_kedro.imaging.stai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from her2_kedro.imaging._histomicstk import color_convolution, color_deconvoluti
 from her2_kedro.imaging.pixels import BACKGROUND_GREY, foreground_mask
 from her2_kedro.imaging.stain import lookup_channel_tables
 from her2_kedro.imaging.stain_vectors import (
+    StainEstimationError,
     StainVectors,
     check_stain_vectors,
     concentration_percentiles,
@@ -20,7 +23,9 @@ from her2_kedro.imaging.stain_vectors import (
     sda_of_pixels,
 )
 
-__all__ = ["normalisation_matrix", "normalise"]
+__all__ = ["cohort_normaliser", "normalisation_matrix", "normalise"]
+
+logger = logging.getLogger(__name__)
 
 
 def _sda_lut() -> np.ndarray:
@@ -141,3 +146,39 @@ def normalise(
             converted = color_convolution(stains, w_tgt, I_0=None)
         np.copyto(out[y : y + step], converted, where=fg[..., None])
     return out
+
+
+def cohort_normaliser(
+    reference: Mapping[str, Any] | None,
+    cohorts: Iterable[str],
+    background_grey: float = BACKGROUND_GREY,
+) -> Callable[[Mapping[str, Any], np.ndarray], np.ndarray] | None:
+    """``transform(row, rgb)`` that normalises cores of ``cohorts`` as preprocessing did, else None.
+
+    ``reference`` is preprocessing's ``reference_stains`` record: the training reference
+    (``vectors``) and each normalised cohort's pooled source vectors (``sources``; a cohort
+    without them is deconvolved with each core's own estimate). Rows of other cohorts, and every
+    row when there is no reference, pass through unchanged, so models see the pixels the
+    intensity features were measured on.
+    """
+    cohorts = set(cohorts)
+    if not cohorts or not reference or not reference.get("vectors"):
+        return None
+    target = StainVectors.from_dict(reference["vectors"])
+    sources = {
+        cohort: StainVectors.from_dict(entry["vectors"])
+        for cohort, entry in (reference.get("sources") or {}).items()
+        if entry.get("vectors")
+    }
+
+    def transform(row: Mapping[str, Any], rgb: np.ndarray) -> np.ndarray:
+        cohort = row.get("cohort")
+        if cohort not in cohorts:
+            return rgb
+        try:
+            return normalise(rgb, sources.get(cohort), target, background_grey)
+        except StainEstimationError as err:  # preprocessing reported the same core unnormalised
+            logger.warning("Core %s left unnormalised: %s", row.get("core_id"), err)
+            return rgb
+
+    return transform

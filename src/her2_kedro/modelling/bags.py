@@ -21,7 +21,7 @@ and the result does not depend on DataLoader workers or the order items are read
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 Loader = Callable[[], bytes]
+#: ``transform(row, rgb) -> rgb`` applied to each decoded core (e.g. stain normalisation of a cohort).
+Transform = Callable[[Mapping[str, Any], np.ndarray], np.ndarray]
 #: Tiles converted and resized at once (bounds the float32 temporaries at full tile size).
 _CHUNK = 64
 
@@ -143,6 +145,8 @@ class BagDataset(Dataset):
     bags are the core's tile index at offset (0, 0). Used with ``DataLoader(batch_size=None)`` (one
     bag per step). With worker processes, call :meth:`set_epoch` before each epoch's iterator is
     made and do not use ``persistent_workers`` (their copies would keep the old epoch).
+    ``transform(row, rgb)`` (optional) is applied to each decoded core before tiling, with the
+    core's manifest row (stain normalisation of evaluation-only cohorts).
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class BagDataset(Dataset):
         config: BagConfig | None = None,
         train: bool = False,
         seed: int = 0,
+        transform: Transform | None = None,
     ) -> None:
         needed = ["core_id", "image"] + ([target] if target else [])
         missing = [c for c in needed if c not in rows.columns]
@@ -163,6 +168,8 @@ class BagDataset(Dataset):
         absent = sorted(set(rows["image"]) - set(cores))
         if absent:
             raise KeyError(f"core image(s) not among the loaded cores: {', '.join(absent[:10])}")
+        self.rows = rows.to_dict("records")
+        self.transform = transform
         self.core_ids = rows["core_id"].astype(str).tolist()
         self.images = rows["image"].astype(str).tolist()
         self.labels = rows[target].astype(int).tolist() if target else [-1] * len(rows)
@@ -196,6 +203,8 @@ class BagDataset(Dataset):
         rng = self.item_rng(index)
         offset = self._draw_offset(rng)
         rgb = decode_rgb(self.cores[self.images[index]]())
+        if self.transform is not None:
+            rgb = self.transform(self.rows[index], rgb)
         kept = bag_tiles(rgb, core_id, self.rule, offset)
         if self.train:
             kept = cap_tiles(kept, self.config.max_tiles, rng)

@@ -40,6 +40,7 @@ from her2_kedro.modelling.reproducibility import rng_states, seed_everything, se
 
 __all__ = [
     "EpochCallback",
+    "autocast",
     "TrainingResult",
     "TrainState",
     "evaluate",
@@ -93,7 +94,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA only (CPU stays float32: exact, deterministic and usually faster)."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -145,7 +146,7 @@ def _bag_loss(model: nn.Module, bag: Any, device: torch.device, bf16: bool) -> t
     """
     tiles = bag.tiles.to(device, non_blocking=True)
     target = _targets(bag, device)
-    with _autocast(device, bf16):
+    with autocast(device, bf16):
         output = model(tiles)
     if hasattr(model, "training_loss"):
         return model.training_loss(output, target).float()
@@ -200,7 +201,7 @@ def evaluate(
         for bag in loader:
             tiles = bag.tiles.to(device, non_blocking=True)
             target = _targets(bag, device)
-            with _autocast(device, bf16):
+            with autocast(device, bf16):
                 logits = model(tiles).logits.float().reshape(len(target), -1)
             losses.append(float(F.cross_entropy(logits, target, reduction="sum")))
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())

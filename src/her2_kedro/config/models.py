@@ -1,0 +1,100 @@
+"""Parameters of the CNN studies: the tile encoder behind the embedding cache (``encoder``,
+``parameters_features.yml``) and the torch models of the ``mil``, ``resnet`` and ``clam`` pipelines
+(``mil_study``, ``resnet_study``, ``clam_study``).
+
+Every torch model is declared the same way: which input it reads (tile bags cut from the cores,
+cached tile embeddings, or the whole core image), which registered architecture it is with which
+constructor parameters, and the shared training loop's settings. Each study's pipeline builds one
+namespace ``<model>.<task>`` per declared model and task, as the intensity study does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from her2_kedro.config.base import Strict
+from her2_kedro.config.intensity import TaskConfig
+from her2_kedro.config.mil import BagConfig, TrainingConfig
+
+#: ``encoder_weights`` value that names the backbone trained by the ``features`` pipeline.
+TRAINED_ENCODER = "trained"
+
+
+class EncoderConfig(Strict):
+    """The tile encoder of the embedding cache (``kedro run --pipelines=features``).
+
+    ``name``: a registered trunk (resnet18 / resnet34 / resnet50); ``weights``: its initial
+    weights (``None``: random, as the authors; a torchvision enum name; a local checkpoint path).
+    With ``train`` the trunk is first trained end to end as gated-attention MIL on the training
+    cores (``target``: the five classes 0, 1, 2-, 2+, 3 by default, selected on validation cores),
+    then frozen: a frozen random trunk sees little, and no pretrained weights can be downloaded
+    here. Tiles are read as ``bag`` says (``bag.input_size`` is also the embedding input size).
+    """
+
+    name: str = "resnet34"
+    weights: str | None = None
+    train: bool = True
+    target: Literal["five_class", "ihc_score", "her2_status"] = "five_class"
+    bag: BagConfig = BagConfig(input_size=64, max_tiles=16)
+    training: TrainingConfig = TrainingConfig(max_epochs=12)
+    hidden_dim: int = Field(256, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    micro_batch: int = Field(64, ge=1)
+    grad_checkpoint: bool = False
+    embedding_batch_size: int = Field(128, ge=1)
+    channels_last: bool = True
+
+
+class ImageConfig(Strict):
+    """Whole-core input of the ResNet classifier: the core downscaled to a square ``input_size``
+    (1024 px in the paper), ``batch_size`` cores per step, random flips, decoded images cached."""
+
+    input_size: int = Field(128, ge=16)
+    batch_size: int = Field(32, ge=2)
+    flips: bool = True
+    cache: bool = True
+
+
+class TorchModelConfig(Strict):
+    """One torch model of a study.
+
+    ``input``: ``tiles`` (bags cut from the cores on demand, end to end through ``encoder``),
+    ``embeddings`` (the features pipeline's cache) or ``core_image`` (the whole core, ResNet).
+    ``arch``: a registered architecture (``attention_mil``, ``clam``, ``torchmil``,
+    ``core_classifier``) built with ``params`` plus the task's ``n_classes``. ``encoder`` /
+    ``encoder_weights``: the trunk of ``tiles`` and ``core_image`` models; ``encoder_weights:
+    trained`` starts from the features pipeline's trained backbone, ``None`` from random weights
+    (the paper).
+    """
+
+    name: str
+    input: Literal["tiles", "embeddings", "core_image"]
+    arch: str
+    params: dict[str, Any] = {}
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    bag: BagConfig = BagConfig()
+    image: ImageConfig = ImageConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @property
+    def needs_trained_encoder(self) -> bool:
+        """Whether the model reads what the features pipeline makes (cache or trained trunk)."""
+        return self.input == "embeddings" or self.encoder_weights == TRAINED_ENCODER
+
+
+class TorchStudyParams(Strict):
+    """A study of torch models: its tasks and models, each key equal to its entry's name."""
+
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    models: dict[str, TorchModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> TorchStudyParams:
+        for kind, entries in (("tasks", self.tasks), ("models", self.models)):
+            for key, entry in entries.items():
+                if key != entry.name:
+                    raise ValueError(f"{kind}.{key}.name must be {key!r} (got {entry.name!r})")
+        return self

@@ -1,0 +1,277 @@
+"""Thin nodes of the features pipeline: train the tile encoder, then cache every core's embeddings.
+
+torch is imported inside the nodes, so building the pipeline registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from her2_kedro.config import CohortsConfig, EncoderConfig, TileConfig, TorchModelConfig
+from her2_kedro.pipelines.common import epoch_logger
+
+logger = logging.getLogger(__name__)
+
+Cores = dict[str, Callable[[], bytes]]
+#: Resume checkpoint of the encoder's training, inside its work folder.
+RESUME_FILE = "resume.pt"
+
+
+def _encoder_spec(encoder: EncoderConfig) -> TorchModelConfig:
+    """The encoder's training run, declared like any model: end-to-end gated-attention MIL."""
+    return TorchModelConfig(
+        name="encoder",
+        input="tiles",
+        arch="attention_mil",
+        params={
+            "hidden_dim": encoder.hidden_dim,
+            "dropout": encoder.dropout,
+            "micro_batch": encoder.micro_batch,
+            "grad_checkpoint": encoder.grad_checkpoint,
+        },
+        encoder=encoder.name,
+        encoder_weights=encoder.weights,
+        bag=encoder.bag,
+        training=encoder.training,
+    )
+
+
+def _inputs(accepted_cores, reference_stains, tiles, cohorts):
+    from her2_kedro.imaging.normalisation import cohort_normaliser
+    from her2_kedro.modelling.torch_study import ModelInputs
+
+    rule = TileConfig.model_validate(tiles)
+    normalised = CohortsConfig.model_validate(cohorts).stain_normalised
+    transform = cohort_normaliser(reference_stains, normalised, rule.background_grey)
+    return ModelInputs(cores=accepted_cores, transform=transform, rule=rule)
+
+
+def train_encoder(
+    core_manifest: pd.DataFrame,
+    tile_index: pd.DataFrame,
+    accepted_cores: Cores,
+    reference_stains: dict[str, Any],
+    encoder: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
+    workdir: Path,
+) -> tuple[bytes, pd.DataFrame]:
+    """The frozen encoder's checkpoint (bytes) and its training curve.
+
+    With ``encoder.train`` the trunk is trained end to end as attention MIL on the training cores
+    (selected on validation cores), then kept alone; otherwise the initial weights are kept as
+    they are. An interrupted run resumes from ``workdir``.
+    """
+    from her2_kedro.evaluation.study import TASKS
+    from her2_kedro.modelling.checkpoints import save_checkpoint
+    from her2_kedro.modelling.encoders import build_encoder
+    from her2_kedro.modelling.torch_study import FIVE_CLASS_TASK, bag_table, fit
+
+    config = EncoderConfig.model_validate(encoder)
+    evaluation_only = CohortsConfig.model_validate(cohorts).evaluation_only
+    target_task = TASKS.get(config.target, FIVE_CLASS_TASK)
+    table, problems = bag_table(core_manifest, tile_index, target_task, evaluation_only)
+    fingerprint = _fingerprint(config, table, tiles, cohorts, reference_stains)
+    reused = _finished_encoder(workdir, fingerprint)
+    if reused is not None:
+        logger.info("Encoder: reusing %s (same settings and training cores)", reused[0])
+        return reused[0].read_bytes(), reused[1]
+    history = pd.DataFrame()
+    if config.train:
+        for p in problems:
+            logger.warning("Encoder training: %s %s", p.core_id, p.reason)
+        inputs = _inputs(accepted_cores, reference_stains, tiles, cohorts)
+        model, result, _ = fit(
+            _encoder_spec(config),
+            table,
+            target_task,
+            inputs,
+            checkpoint_path=workdir / RESUME_FILE,
+            on_epoch_end=epoch_logger(f"encoder.{config.target}"),
+        )
+        trunk = model.encoder
+        history = pd.DataFrame(result.history)
+        logger.info(
+            "Encoder %s trained on %s: epoch %d kept (validation balanced accuracy %.4f)",
+            config.name,
+            config.target,
+            result.selected_epoch,
+            result.best_val_balanced_accuracy,
+        )
+    else:
+        trunk, _ = build_encoder(config.name, config.weights)
+    path = save_checkpoint(
+        workdir / "encoder.pt",
+        trunk,
+        "encoder",
+        {"name": config.name, "weights": None},
+        task=config.target if config.train else None,
+        training=config.training.model_dump(mode="json") if config.train else None,
+        extras={"fingerprint": fingerprint, "history": history.to_dict("list")},
+    )
+    data = path.read_bytes()
+    (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
+    return data, history
+
+
+def _fingerprint(
+    config: EncoderConfig,
+    table: pd.DataFrame,
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
+    reference: Mapping[str, Any] | None,
+) -> str:
+    """What the trained encoder depends on: its settings, the tile rule, and the train / val cores
+    (content, split, label); the stain reference only where a normalised cohort trains."""
+    from her2_kedro.modelling.embeddings import settings_hash
+
+    used = table[table["split"].isin(["train", "val"])]
+    cores = sorted(
+        zip(
+            used["core_id"],
+            used["content_hash"],
+            used["split"],
+            used["y"].astype(int).tolist(),
+            strict=True,
+        )
+    )
+    normalised = set(CohortsConfig.model_validate(cohorts).stain_normalised)
+    return settings_hash(
+        {
+            "encoder": config.model_dump(mode="json"),
+            "tiles": tiles,
+            "cores": cores,
+            "reference": reference if set(used["cohort"]) & normalised else None,
+        }
+    )
+
+
+def _finished_encoder(workdir: Path, fingerprint: str) -> tuple[Path, pd.DataFrame] | None:
+    """The encoder a previous run finished with the same fingerprint, and its curve, if any."""
+    from her2_kedro.modelling.checkpoints import CheckpointError, read_checkpoint
+
+    path = workdir / "encoder.pt"
+    if not path.is_file():
+        return None
+    try:
+        extras = read_checkpoint(path).get("extras") or {}
+    except CheckpointError as err:
+        logger.warning("Encoder: ignoring %s (%s)", path, err)
+        return None
+    if extras.get("fingerprint") != fingerprint:
+        return None
+    return path, pd.DataFrame(extras.get("history") or {})
+
+
+def _embedding_settings(
+    config: EncoderConfig,
+    rule: TileConfig,
+    cohort: str,
+    reference: Mapping[str, Any] | None,
+    normalised,
+) -> dict[str, Any]:
+    """What changes the pixels the encoder sees, beside the core and the encoder themselves."""
+    settings = {"tiles": rule.model_dump(), "input_size": config.bag.input_size}
+    if cohort in set(normalised) and reference:
+        settings["stain_reference"] = {
+            "vectors": reference.get("vectors"),
+            "source": (reference.get("sources") or {}).get(cohort, {}).get("vectors"),
+        }
+    return settings
+
+
+def embed_cores(
+    core_manifest: pd.DataFrame,
+    tile_index: pd.DataFrame,
+    accepted_cores: Cores,
+    reference_stains: dict[str, Any],
+    encoder_checkpoint: Path,
+    embedding_cache: dict[str, Path],
+    encoder: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
+) -> tuple[dict[str, Callable[[], dict]], pd.DataFrame]:
+    """New cache entries (computed lazily, one core at a time, as the cache saves them) and the
+    index ``core_id, key, n_tiles`` of every core's entry.
+
+    Entries whose key is already in the cache are skipped, so an unchanged rerun computes
+    nothing and an interrupted run resumes where it stopped.
+    """
+    import torch
+
+    from her2_kedro.features.preprocess import decode_rgb
+    from her2_kedro.modelling.checkpoints import checkpoint_sha256, load_checkpoint
+    from her2_kedro.modelling.embeddings import embed_core, embedding_key
+    from her2_kedro.modelling.training import resolve_device
+
+    config = EncoderConfig.model_validate(encoder)
+    inputs = _inputs(accepted_cores, reference_stains, tiles, cohorts)
+    normalised = CohortsConfig.model_validate(cohorts).stain_normalised
+    encoder_sha = checkpoint_sha256(encoder_checkpoint)
+    has_tiles = set(tile_index["core_id"])
+    existing = {Path(name).stem for name in embedding_cache}
+    rows = [r for r in core_manifest.to_dict("records") if r["core_id"] in has_tiles]
+    keys = {
+        r["core_id"]: embedding_key(
+            r["content_hash"],
+            encoder_sha,
+            _embedding_settings(config, inputs.rule, r["cohort"], reference_stains, normalised),
+        )
+        for r in rows
+    }
+    todo = [r for r in rows if keys[r["core_id"]] not in existing]
+    logger.info(
+        "Embedding cache: %d of %d cores cached already, %d to compute (encoder %s).",
+        len(rows) - len(todo),
+        len(rows),
+        len(todo),
+        encoder_sha[:12],
+    )
+    device = resolve_device(config.training.device)
+    state: dict[str, Any] = {}
+
+    def trunk() -> torch.nn.Module:  # loaded on the first entry actually computed
+        if "trunk" not in state:
+            model = load_checkpoint(encoder_checkpoint, expected_arch="encoder").model
+            if config.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            state["trunk"] = model.to(device)
+        return state["trunk"]
+
+    def compute(row: dict) -> Callable[[], dict]:
+        def entry() -> dict:
+            if "bar" not in state:  # the cache computes entries as it saves them
+                state["bar"] = tqdm(total=len(todo), desc="embedding cores", unit="core")
+            state["bar"].update(1)
+            rgb = decode_rgb(inputs.cores[row["image"]]())
+            if inputs.transform is not None:
+                rgb = inputs.transform(row, rgb)
+            return embed_core(
+                trunk(),
+                rgb,
+                row["core_id"],
+                inputs.rule,
+                config.bag.input_size,
+                batch_size=config.embedding_batch_size,
+                device=device,
+                channels_last=config.channels_last,
+            )
+
+        return entry
+
+    new = {keys[r["core_id"]]: compute(r) for r in todo}
+    counts = tile_index.groupby("core_id").size()
+    index = pd.DataFrame(
+        {
+            "core_id": list(keys),
+            "key": list(keys.values()),
+            "n_tiles": [int(counts.get(c, 0)) for c in keys],
+        }
+    )
+    return new, index
