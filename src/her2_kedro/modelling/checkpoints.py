@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from her2_kedro.modelling.attention import build_attention_mil
+from her2_kedro.modelling.clam import build_clam
 from her2_kedro.modelling.encoders import build_encoder, state_mismatches
 
 FORMAT = "her2_kedro.checkpoint"
@@ -44,10 +45,19 @@ def _encoder_trunk(name: str = "resnet34", weights: str | None = None) -> nn.Mod
     return build_encoder(name, weights)[0]
 
 
+def _torchmil_aggregator(**params: Any) -> nn.Module:
+    """A torchmil aggregator (arch ``"torchmil"``); imports torchmil only when one is built."""
+    from her2_kedro.modelling.aggregators import build_torchmil_aggregator
+
+    return build_torchmil_aggregator(**params)
+
+
 #: Architecture name -> builder called with the checkpoint's ``meta["params"]``.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "attention_mil": build_attention_mil,
+    "clam": build_clam,
     "encoder": _encoder_trunk,
+    "torchmil": _torchmil_aggregator,
 }
 
 
