@@ -10,6 +10,8 @@ checkpointing so a whole core (576 tiles of 224 px) fits in memory.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -17,6 +19,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from her2_kedro.modelling.encoders import build_encoder
+
+
+@contextlib.contextmanager
+def _running_batch_norm(module: nn.Module, active: bool) -> Iterator[None]:
+    """While active, BatchNorm layers of ``module`` use (and keep) their running statistics."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    states = [m.training for m in norms]
+    if active:
+        for m in norms:
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, state in zip(norms, states, strict=True):
+            m.train(state)
 
 
 class MILOutput(NamedTuple):
@@ -78,18 +95,20 @@ class AttentionMIL(nn.Module):
 
         The bag is cut into equal-as-possible chunks of at most ``micro_batch`` tiles, so (for
         ``micro_batch > 2``) no chunk of a bag of several tiles is left with one tile alone:
-        BatchNorm in training fails on a single tile whose last feature map is 1x1.
+        BatchNorm in training fails on a single tile whose last feature map is 1x1. A bag of one
+        tile is encoded with BatchNorm's running statistics (its own would be degenerate).
         """
         if self.encoder is None:
             raise ValueError("this AttentionMIL has no encoder: pass embeddings of shape (N, D)")
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         parts = []
         n_chunks = -(-tiles.shape[0] // self.micro_batch)
-        for chunk in torch.tensor_split(tiles, n_chunks):
-            if use_ckpt:
-                parts.append(checkpoint(self.encoder, chunk, use_reentrant=False))
-            else:
-                parts.append(self.encoder(chunk))
+        with _running_batch_norm(self.encoder, tiles.shape[0] == 1 and self.training):
+            for chunk in torch.tensor_split(tiles, n_chunks):
+                if use_ckpt:
+                    parts.append(checkpoint(self.encoder, chunk, use_reentrant=False))
+                else:
+                    parts.append(self.encoder(chunk))
         return torch.cat(parts).flatten(1)
 
     def forward(self, bag: torch.Tensor) -> MILOutput:
