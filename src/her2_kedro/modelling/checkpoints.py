@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from her2_kedro.modelling.attention import build_attention_mil
+from her2_kedro.modelling.core_classifier import build_core_classifier
 from her2_kedro.modelling.encoders import build_encoder, state_mismatches
 
 FORMAT = "her2_kedro.checkpoint"
@@ -47,6 +48,7 @@ def _encoder_trunk(name: str = "resnet34", weights: str | None = None) -> nn.Mod
 #: Architecture name -> builder called with the checkpoint's ``meta["params"]``.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "attention_mil": build_attention_mil,
+    "core_classifier": build_core_classifier,
     "encoder": _encoder_trunk,
 }
 
