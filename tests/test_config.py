@@ -43,7 +43,7 @@ def test_paper_env_overrides_single_keys():
     assert p.seed == validate_parameters(_env_parameters("local"))["synthetic"].seed
 
 
-@pytest.mark.parametrize("section", [s for s in SECTIONS if s != "intensity_study"])
+@pytest.mark.parametrize("section", [s for s in SECTIONS if not s.endswith("_study")])
 def test_base_yaml_and_model_defaults_agree(base_params, section):
     """One source of truth: conf/base states the models' defaults, it does not override them."""
     model = SECTIONS[section]

@@ -112,3 +112,12 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     attention = pd.read_parquet(data / "07_model_output" / "attention.parquet")
     sums = attention.groupby(["model", "task", "core_id"])["attention"].sum()
     assert np.allclose(sums, 1.0, atol=1e-4)
+
+    # the whole-core ResNet: batches of cores, no attention rows
+    _run("resnet", catalog_config, model_params)
+    metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
+    assert "resnet34" in set(metrics["model"]) and "transmil" in set(metrics["model"])
+    attention = pd.read_parquet(data / "07_model_output" / "attention.parquet")
+    assert "resnet34" not in set(attention["model"])
+    predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")
+    assert len(predictions.query("model == 'resnet34'")) == 2 * len(with_tiles)

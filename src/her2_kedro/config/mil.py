@@ -3,7 +3,7 @@
 
 The tile rule itself (tile size, stride, background grey, minimum tissue) is the shared
 :class:`~her2_kedro.config.shared.TileConfig` of ``parameters_tiles.yml``; these models hold only
-what is specific to building bags for a model and drawing training cores.
+what is specific to building bags (or whole-core batches) for a model.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from torch import nn
 
 from her2_kedro.modelling.attention import build_attention_mil
 from her2_kedro.modelling.clam import build_clam
+from her2_kedro.modelling.core_classifier import build_core_classifier
 from her2_kedro.modelling.encoders import build_encoder, state_mismatches
 
 FORMAT = "her2_kedro.checkpoint"
@@ -56,6 +57,7 @@ def _torchmil_aggregator(**params: Any) -> nn.Module:
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "attention_mil": build_attention_mil,
     "clam": build_clam,
+    "core_classifier": build_core_classifier,
     "encoder": _encoder_trunk,
     "torchmil": _torchmil_aggregator,
 }

@@ -75,7 +75,9 @@ def _inputs(
     rule = TileConfig.model_validate(tiles)
     inputs = ModelInputs(rule=rule, encoder_path=encoder_checkpoint)
     if spec.input == "embeddings":
-        by_key = {Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()}
+        by_key = {
+            Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()
+        }
         missing = sorted(set(embedding_index["key"]) - set(by_key))
         if missing:
             raise KeyError(f"embedding cache entries missing: {missing[:5]} (rerun features)")

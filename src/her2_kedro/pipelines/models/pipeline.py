@@ -79,14 +79,23 @@ def model_template(spec: TorchModelConfig) -> Pipeline:
             Node(
                 nodes.evaluate_model,
                 inputs={"checkpoint": "checkpoint", "table": "table", **common},
-                outputs=["predictions", "metrics", "attention", "tables", "figures", "mlflow_metrics"],
+                outputs=[
+                    "predictions",
+                    "metrics",
+                    "attention",
+                    "tables",
+                    "figures",
+                    "mlflow_metrics",
+                ],
                 name="evaluate_model",
             ),
         ]
     )
 
 
-def create_pipeline(family: str = "mil", study: TorchStudyParams | None = None, **kwargs) -> Pipeline:
+def create_pipeline(
+    family: str = "mil", study: TorchStudyParams | None = None, **kwargs
+) -> Pipeline:
     """Every declared model x task of a family, then its reports (empty if nothing is declared)."""
     section = TORCH_STUDIES[family]
     study = study or declared_torch_study(family)
