@@ -24,6 +24,8 @@ class BagConfig(Strict):
     tissue-rich tiles, deterministic); ``None`` (default) keeps the full bag as the authors did.
     ``random_offset`` / ``flips``: the paper's training augmentation (random tile-grid offset in
     [0, tile_size), random horizontal and vertical flips per tile); never applied at evaluation.
+    ``cores_per_batch``: for tile-classifier training (input ``tile_batches``), the cores whose
+    tiles make one batch.
     """
 
     input_size: int | None = Field(64, ge=8)
@@ -31,6 +33,7 @@ class BagConfig(Strict):
     eval_max_tiles: int | None = Field(None, ge=1)
     random_offset: bool = True
     flips: bool = True
+    cores_per_batch: int = Field(8, ge=1)
 
 
 class TrainingConfig(Strict):

@@ -27,15 +27,18 @@ class EncoderConfig(Strict):
 
     ``name``: a registered trunk (resnet18 / resnet34 / resnet50); ``weights``: its initial
     weights (``None``: random, as the authors; a torchvision enum name; a local checkpoint path).
-    With ``train`` the trunk is first trained end to end as gated-attention MIL on the training
-    cores (``target``: the five classes 0, 1, 2-, 2+, 3 by default, selected on validation cores),
-    then frozen: a frozen random trunk sees little, and no pretrained weights can be downloaded
-    here. Tiles are read as ``bag`` says (``bag.input_size`` is also the embedding input size).
+    With ``train`` the trunk is first trained on the training cores (``target``: the five classes
+    0, 1, 2-, 2+, 3 by default; the epoch is selected on validation cores), then frozen: a frozen
+    random trunk sees little, and no pretrained weights can be downloaded here. ``method``:
+    ``tile_classifier`` (default: each tile labelled with its core's class, batches of
+    ``bag.cores_per_batch`` cores' tiles) or ``mil`` (end-to-end gated-attention MIL, one core per
+    step). Tiles are read as ``bag`` says (``bag.input_size`` is also the embedding input size).
     """
 
     name: str = "resnet34"
     weights: str | None = None
     train: bool = True
+    method: Literal["tile_classifier", "mil"] = "tile_classifier"
     target: Literal["five_class", "ihc_score", "her2_status"] = "five_class"
     bag: BagConfig = BagConfig(input_size=64, max_tiles=16)
     training: TrainingConfig = TrainingConfig(
@@ -63,7 +66,8 @@ class TorchModelConfig(Strict):
     """One torch model of a study.
 
     ``input``: ``tiles`` (bags cut from the cores on demand, end to end through ``encoder``),
-    ``embeddings`` (the features pipeline's cache) or ``core_image`` (the whole core, ResNet).
+    ``tile_batches`` (tiles of several cores per batch, each with its core's label: a tile
+    classifier), ``embeddings`` (the features pipeline's cache) or ``core_image`` (the whole core).
     ``arch``: a registered architecture (``attention_mil``, ``clam``, ``torchmil``,
     ``core_classifier``) built with ``params`` plus the task's ``n_classes``. ``encoder`` /
     ``encoder_weights``: the trunk of ``tiles`` and ``core_image`` models; ``encoder_weights:
@@ -72,7 +76,7 @@ class TorchModelConfig(Strict):
     """
 
     name: str
-    input: Literal["tiles", "embeddings", "core_image"]
+    input: Literal["tiles", "tile_batches", "embeddings", "core_image"]
     arch: str
     params: dict[str, Any] = {}
     encoder: str = "resnet34"

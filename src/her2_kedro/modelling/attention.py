@@ -77,8 +77,10 @@ class AttentionMIL(nn.Module):
         encoder: nn.Module | None = None,
         micro_batch: int = 64,
         grad_checkpoint: bool = False,
+        freeze_batch_norm: bool = False,
     ) -> None:
         super().__init__()
+        self.freeze_batch_norm = bool(freeze_batch_norm)
         if n_classes < 1 or micro_batch < 1:
             raise ValueError(
                 f"n_classes ({n_classes}) and micro_batch ({micro_batch}) must be >= 1"
@@ -89,6 +91,16 @@ class AttentionMIL(nn.Module):
         self.feature_dropout = nn.Dropout(dropout)
         self.attention = GatedAttention(in_dim, hidden_dim, dropout)
         self.classifier = nn.Linear(in_dim, n_classes)
+
+    def train(self, mode: bool = True) -> AttentionMIL:
+        """Training mode; with ``freeze_batch_norm`` the encoder's BatchNorm layers stay in eval
+        mode (running statistics, not one bag's), e.g. when fine-tuning a trained trunk."""
+        super().train(mode)
+        if mode and self.freeze_batch_norm and self.encoder is not None:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """Tile features ``(N, in_dim)`` from tiles ``(N, 3, s, s)``, one micro-batch at a time.
@@ -140,6 +152,7 @@ def build_attention_mil(
     dropout: float = 0.0,
     micro_batch: int = 64,
     grad_checkpoint: bool = False,
+    freeze_batch_norm: bool = False,
 ) -> AttentionMIL:
     """Build AttentionMIL from plain parameters (as stored in a checkpoint's meta).
 
@@ -149,4 +162,13 @@ def build_attention_mil(
     trunk = None
     if encoder is not None:
         trunk, in_dim = build_encoder(encoder, encoder_weights)
-    return AttentionMIL(n_classes, in_dim, hidden_dim, dropout, trunk, micro_batch, grad_checkpoint)
+    return AttentionMIL(
+        n_classes,
+        in_dim,
+        hidden_dim,
+        dropout,
+        trunk,
+        micro_batch,
+        grad_checkpoint,
+        freeze_batch_norm,
+    )

@@ -29,6 +29,7 @@ from her2_kedro.modelling.bags import BagDataset, Transform
 from her2_kedro.modelling.checkpoints import ARCHITECTURES
 from her2_kedro.modelling.embeddings import EmbeddingBagDataset, EntryLoader
 from her2_kedro.modelling.sampling import FiveClassSampler
+from her2_kedro.modelling.tile_batches import TileBatchDataset
 from her2_kedro.modelling.training import (
     EpochCallback,
     TrainingResult,
@@ -140,8 +141,8 @@ def make_dataset(
     seed: int,
 ) -> Dataset:
     """The dataset of ``rows`` for a spec's input (training augmentation only with ``train``)."""
-    if spec.input == "tiles":
-        return BagDataset(
+    if spec.input in ("tiles", "tile_batches"):
+        bags = BagDataset(
             rows,
             inputs.cores,
             target=target,
@@ -150,6 +151,11 @@ def make_dataset(
             train=train,
             seed=seed,
             transform=inputs.transform,
+        )
+        if spec.input == "tiles":
+            return bags
+        return TileBatchDataset(
+            bags, rows["five_class"].tolist(), cores_per_batch=spec.bag.cores_per_batch, seed=seed
         )
     if spec.input == "embeddings":
         return EmbeddingBagDataset(
@@ -228,7 +234,7 @@ def fit(
     train_data = make_dataset(spec, train_rows, "y", inputs, train=True, seed=seed)
     val_data = make_dataset(spec, val_rows, "y", inputs, train=False, seed=seed)
     sampler = None
-    if spec.input != "core_image":  # the core-image dataset draws its own class-balanced batches
+    if spec.input in ("tiles", "embeddings"):  # the batch datasets draw their own balanced groups
         sampler = FiveClassSampler(train_rows["five_class"].tolist(), seed=seed)
     resume = checkpoint_path if checkpoint_path is not None and checkpoint_path.is_file() else None
     kwargs = dict(

@@ -24,17 +24,23 @@ RESUME_FILE = "resume.pt"
 
 
 def _encoder_spec(encoder: EncoderConfig) -> TorchModelConfig:
-    """The encoder's training run, declared like any model: end-to-end gated-attention MIL."""
-    return TorchModelConfig(
-        name="encoder",
-        input="tiles",
-        arch="attention_mil",
-        params={
+    """The encoder's training run, declared like any model: a tile classifier over mixed batches
+    of cores' tiles, or end-to-end gated-attention MIL."""
+    if encoder.method == "tile_classifier":
+        kind, arch, params = "tile_batches", "core_classifier", {"channels_last": False}
+    else:
+        kind, arch = "tiles", "attention_mil"
+        params = {
             "hidden_dim": encoder.hidden_dim,
             "dropout": encoder.dropout,
             "micro_batch": encoder.micro_batch,
             "grad_checkpoint": encoder.grad_checkpoint,
-        },
+        }
+    return TorchModelConfig(
+        name="encoder",
+        input=kind,
+        arch=arch,
+        params=params,
         encoder=encoder.name,
         encoder_weights=encoder.weights,
         bag=encoder.bag,

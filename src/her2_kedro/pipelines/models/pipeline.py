@@ -19,6 +19,7 @@ from her2_kedro.pipelines.models import nodes
 #: What each input kind reads from the catalog (besides the task table), by node keyword.
 _SOURCES: dict[str, dict[str, str]] = {
     "tiles": {"accepted_cores": "accepted_cores", "reference_stains": "reference_stains"},
+    "tile_batches": {"accepted_cores": "accepted_cores", "reference_stains": "reference_stains"},
     "core_image": {"accepted_cores": "accepted_cores", "reference_stains": "reference_stains"},
     "embeddings": {"tile_embeddings": "tile_embeddings", "embedding_index": "embedding_index"},
 }
