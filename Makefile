@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test lint synthetic ingestion preprocessing intensity bench-study viz mlflow-ui benchmark clean-data
+.PHONY: setup run test lint synthetic ingestion preprocessing intensity features mil resnet clam bench-study viz mlflow-ui benchmark clean-data
 
 setup: $(STAMP)
 
@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml Makefile
 	@echo "(pip's notes that histomicstk lacks pyvips, opencv, dask, ... are expected: see the comment above)"
 	touch $@
 
+# the demo cohort, then every study (intensity, encoder + embedding cache, mil, resnet, clam)
 run: setup
 	$(BIN)/kedro run --pipelines=synthetic
-	$(BIN)/kedro run --pipelines=intensity
+	$(BIN)/kedro run --pipelines=all
 
 synthetic: setup
 	$(BIN)/kedro run --pipelines=synthetic
@@ -45,10 +46,13 @@ preprocessing: setup
 intensity: setup
 	$(BIN)/kedro run --pipelines=intensity
 
-# the comparison cohort (conf/bench: ~300 patients, no slides) and the intensity study on it
+features mil resnet clam: setup
+	$(BIN)/kedro run --pipelines=$@
+
+# the comparison cohort (conf/bench: ~300 patients, no slides) and every study on it
 bench-study: setup
 	$(BIN)/kedro run --env=bench --pipelines=synthetic
-	$(BIN)/kedro run --env=bench --pipelines=intensity
+	$(BIN)/kedro run --env=bench --pipelines=all
 
 test: setup
 	$(BIN)/pytest -q

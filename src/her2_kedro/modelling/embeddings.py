@@ -124,8 +124,8 @@ class EmbeddingBagDataset(Dataset):
             return self._memory[core_id]
         entry = self.entries[core_id]()
         pair = (
-            torch.from_numpy(np.asarray(entry["embeddings"], dtype=np.float32)),
-            torch.from_numpy(np.asarray(entry["coords"], dtype=np.int64)),
+            torch.from_numpy(np.array(entry["embeddings"], dtype=np.float32)),
+            torch.from_numpy(np.array(entry["coords"], dtype=np.int64)),
         )
         if self.keep:
             self._memory[core_id] = pair
