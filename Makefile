@@ -74,6 +74,7 @@ benchmark: setup
 	$(BIN)/python benchmarks/strict_jpeg_overhead.py
 	$(BIN)/python benchmarks/preprocessing_benchmark.py
 	$(BIN)/python benchmarks/synthetic_calibration.py
+	$(BIN)/python benchmarks/model_throughput.py
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete
