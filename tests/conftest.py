@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from skimage.data import immunohistochemistry
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -61,3 +63,21 @@ def tiny_synthetic_params(base_params: dict[str, Any]) -> dict[str, Any]:
         n_slides=1, n_rows=3, n_cols=4, core_diameter_px=400, pitch_px=480, n_missing=1, n_debris=3
     )
     return base_params
+
+
+def fake_core(canvas: int, patch: int, at: int, source: int = 0) -> np.ndarray:
+    """White glass with a patch of real DAB/haematoxylin tissue pasted at (at, at)."""
+    rgb = np.full((canvas, canvas, 3), 255, dtype=np.uint8)
+    tissue = immunohistochemistry()[source : source + patch, source : source + patch]
+    rgb[at : at + patch, at : at + patch] = tissue
+    return rgb
+
+
+@pytest.fixture(scope="module")
+def cohort() -> dict[str, np.ndarray]:
+    """Three small cores by image name (different tissue crops and placements)."""
+    return {
+        "a.png": fake_core(288, 160, 48),
+        "b.png": fake_core(256, 200, 20, source=150),
+        "c.png": fake_core(300, 120, 90, source=300),
+    }

@@ -7,13 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from her2_kedro.config.mil import TrainingConfig
 from her2_kedro.modelling.aggregators import DSMILOutput, TorchmilAggregator
-from her2_kedro.modelling.bags import Bag
 from her2_kedro.modelling.checkpoints import load_checkpoint, save_checkpoint
 from her2_kedro.modelling.training import train
+from tests.test_clam import DIM, fit_config, planted_bags
 
-DIM = 32
 KWARGS = {"transmil": {"att_dim": 16, "n_heads": 2}, "dsmil": {"att_dim": 16}}
 NAMES = sorted(KWARGS)
 
@@ -29,31 +27,6 @@ def _params(name: str, n_classes: int) -> dict:
 def _model(name: str, n_classes: int = 4, seed: int = 0) -> TorchmilAggregator:
     torch.manual_seed(seed)
     return TorchmilAggregator(**_params(name, n_classes))
-
-
-def planted_bags(n_bags: int, n_classes: int, seed: int = 0) -> list[Bag]:
-    """Bags of 5-10 noise tiles; two tiles of a class-c bag carry +4 on dims 8c..8c+7."""
-    gen = torch.Generator().manual_seed(seed)
-    bags = []
-    for i in range(n_bags):
-        label = i % n_classes
-        n = int(torch.randint(5, 11, (1,), generator=gen))
-        tiles = torch.randn(n, DIM, generator=gen)
-        tiles[:2, 8 * label : 8 * label + 8] += 4.0
-        bags.append(Bag(tiles, torch.zeros(n, 2), label, f"b{i}"))
-    return bags
-
-
-def fit_config(**kw) -> TrainingConfig:
-    base = {
-        "max_epochs": 30,
-        "lr": 1e-3,
-        "early_stopping_patience": None,
-        "plateau_patience": 100,
-        "selection": "last",
-        "device": "cpu",
-    }
-    return TrainingConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from skimage.data import immunohistochemistry
 from torch.utils.data import DataLoader
 
 from her2_kedro.config.mil import BagConfig
@@ -14,28 +13,11 @@ from her2_kedro.config.shared import TileConfig
 from her2_kedro.imaging.pixels import encode_png
 from her2_kedro.imaging.tiling import as_rule, read_tile, tile_index
 from her2_kedro.modelling.bags import BagDataset, EmptyBagError, cap_tiles
+from tests.conftest import fake_core
 
 TILE = 32
 RULE = TileConfig(tile_size=TILE, stride=TILE)
 FULL = BagConfig(input_size=None)  # tiles at full size: comparable with the core's pixels
-
-
-def fake_core(canvas: int, patch: int, at: int, source: int = 0) -> np.ndarray:
-    """White glass with a patch of real DAB/haematoxylin tissue pasted at (at, at)."""
-    rgb = np.full((canvas, canvas, 3), 255, dtype=np.uint8)
-    tissue = immunohistochemistry()[source : source + patch, source : source + patch]
-    rgb[at : at + patch, at : at + patch] = tissue
-    return rgb
-
-
-@pytest.fixture(scope="module")
-def cohort() -> dict[str, np.ndarray]:
-    """Three small cores by image name (different tissue crops and placements)."""
-    return {
-        "a.png": fake_core(288, 160, 48),
-        "b.png": fake_core(256, 200, 20, source=150),
-        "c.png": fake_core(300, 120, 90, source=300),
-    }
 
 
 def make_dataset(cores: dict[str, np.ndarray], **kwargs) -> BagDataset:

@@ -23,7 +23,8 @@ from her2_kedro.modelling.embeddings import (
 from her2_kedro.modelling.encoders import build_encoder
 from her2_kedro.modelling.tile_batches import TileBatchDataset
 from her2_kedro.modelling.torch_study import FIVE_CLASS_TASK, bag_table
-from tests.test_bags import RULE, fake_core, make_dataset
+from tests.conftest import fake_core
+from tests.test_bags import RULE, make_dataset
 
 
 def test_embedding_key_changes_with_each_input_and_not_with_key_order():
@@ -99,8 +100,8 @@ def test_model_file_dataset_saves_bytes_and_loads_its_path(tmp_path):
     assert dataset.load().read_bytes() == b"weights"
 
 
-def test_tile_batches_mix_cores_and_label_each_tile_with_its_core(cohort_images):
-    bags = make_dataset(cohort_images, config=BagConfig(input_size=16, max_tiles=4), train=True)
+def test_tile_batches_mix_cores_and_label_each_tile_with_its_core(cohort):
+    bags = make_dataset(cohort, config=BagConfig(input_size=16, max_tiles=4), train=True)
     five = ["0", "2+", "3"]
     batches = TileBatchDataset(bags, five, cores_per_batch=2, seed=1)
     sizes = [len(g) for g in batches.groups]
@@ -111,18 +112,9 @@ def test_tile_batches_mix_cores_and_label_each_tile_with_its_core(cohort_images)
     counts = [len(bags[i].tiles) for i in batches.groups[0]]
     expected = np.repeat([labels[bags.core_ids[i]] for i in batches.groups[0]], counts)
     assert np.array_equal(item.label.numpy(), expected)
-    evaluation = make_dataset(cohort_images, config=BagConfig(input_size=16))
+    evaluation = make_dataset(cohort, config=BagConfig(input_size=16))
     ordered = TileBatchDataset(evaluation, five, cores_per_batch=2)
     assert ordered.groups == [[0, 1], [2]]
-
-
-@pytest.fixture(scope="module")
-def cohort_images() -> dict[str, np.ndarray]:
-    return {
-        "a.png": fake_core(288, 160, 48),
-        "b.png": fake_core(256, 200, 20, source=150),
-        "c.png": fake_core(300, 120, 90, source=300),
-    }
 
 
 def test_bag_table_labels_from_manifest_external_split_and_empty_cores_reported():

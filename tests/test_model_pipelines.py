@@ -108,7 +108,7 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     assert {p.name: os.stat(p).st_mtime_ns for p in cache.glob("*.npz")} == before
     assert (data / "06_models" / "encoder.pt").read_bytes() == encoder_bytes
     metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
-    assert set(metrics["model"]) == {"mil", "mil_cached", "clam_sb", "clam_mb", "transmil"}
+    assert set(metrics["model"]) == {"mil", "mil_cached", "clam_sb", "clam_mb", "dsmil"}
     attention = pd.read_parquet(data / "07_model_output" / "attention.parquet")
     sums = attention.groupby(["model", "task", "core_id"])["attention"].sum()
     assert np.allclose(sums, 1.0, atol=1e-4)
@@ -116,7 +116,7 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     # the whole-core ResNet: batches of cores, no attention rows
     _run("resnet", catalog_config, model_params)
     metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
-    assert "resnet34" in set(metrics["model"]) and "transmil" in set(metrics["model"])
+    assert "resnet34" in set(metrics["model"]) and "dsmil" in set(metrics["model"])
     attention = pd.read_parquet(data / "07_model_output" / "attention.parquet")
     assert "resnet34" not in set(attention["model"])
     predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")

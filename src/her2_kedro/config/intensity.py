@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from her2_kedro.config.base import Strict
+from her2_kedro.config.base import Strict, check_keys_are_names
 
 
 class IntensityModelConfig(Strict):
@@ -45,8 +45,5 @@ class IntensityStudyParams(Strict):
 
     @model_validator(mode="after")
     def _keys_are_names(self) -> IntensityStudyParams:
-        for kind, entries in (("tasks", self.tasks), ("models", self.models)):
-            for key, entry in entries.items():
-                if key != entry.name:
-                    raise ValueError(f"{kind}.{key}.name must be {key!r} (got {entry.name!r})")
+        check_keys_are_names(tasks=self.tasks, models=self.models)
         return self

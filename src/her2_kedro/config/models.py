@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from her2_kedro.config.base import Strict
+from her2_kedro.config.base import Strict, check_keys_are_names
 from her2_kedro.config.intensity import TaskConfig
 from her2_kedro.config.mil import BagConfig, TrainingConfig
 
@@ -99,8 +99,5 @@ class TorchStudyParams(Strict):
 
     @model_validator(mode="after")
     def _keys_are_names(self) -> TorchStudyParams:
-        for kind, entries in (("tasks", self.tasks), ("models", self.models)):
-            for key, entry in entries.items():
-                if key != entry.name:
-                    raise ValueError(f"{kind}.{key}.name must be {key!r} (got {entry.name!r})")
+        check_keys_are_names(tasks=self.tasks, models=self.models)
         return self

@@ -62,13 +62,15 @@ def _inputs(
     spec: TorchModelConfig,
     tiles: dict[str, Any],
     cohorts: dict[str, Any],
-    accepted_cores: Cores | None,
-    reference_stains: dict[str, Any] | None,
-    tile_embeddings: dict[str, Callable[[], dict]] | None,
-    embedding_index: pd.DataFrame | None,
-    encoder_checkpoint: Path | None,
+    accepted_cores: Cores | None = None,
+    reference_stains: dict[str, Any] | None = None,
+    tile_embeddings: dict[str, Callable[[], dict]] | None = None,
+    embedding_index: pd.DataFrame | None = None,
+    encoder_checkpoint: Path | None = None,
 ) -> ModelInputs:
-    """What this model's datasets read, from the node's keyword inputs."""
+    """What this model's datasets read, from the node's keyword inputs (``sources``: the
+    accepted cores and stain reference, or the embedding cache and its index, and the trained
+    encoder where the model starts from it)."""
     from her2_kedro.imaging.normalisation import cohort_normaliser
     from her2_kedro.modelling.torch_study import ModelInputs
 
@@ -101,11 +103,7 @@ def train_model(
     tiles: dict[str, Any],
     cohorts: dict[str, Any],
     workdir: Path,
-    accepted_cores: Cores | None = None,
-    reference_stains: dict[str, Any] | None = None,
-    tile_embeddings: dict[str, Callable[[], dict]] | None = None,
-    embedding_index: pd.DataFrame | None = None,
-    encoder_checkpoint: Path | None = None,
+    **sources: Any,
 ) -> tuple[bytes, pd.DataFrame]:
     """Train a declared model on the train cores (selected on val); its checkpoint and curve.
 
@@ -117,16 +115,7 @@ def train_model(
 
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
-    inputs = _inputs(
-        spec,
-        tiles,
-        cohorts,
-        accepted_cores,
-        reference_stains,
-        tile_embeddings,
-        embedding_index,
-        encoder_checkpoint,
-    )
+    inputs = _inputs(spec, tiles, cohorts, **sources)
     fitted, result, params = fit(
         spec,
         table,
@@ -164,11 +153,7 @@ def evaluate_model(
     task: dict[str, Any],
     tiles: dict[str, Any],
     cohorts: dict[str, Any],
-    accepted_cores: Cores | None = None,
-    reference_stains: dict[str, Any] | None = None,
-    tile_embeddings: dict[str, Callable[[], dict]] | None = None,
-    embedding_index: pd.DataFrame | None = None,
-    encoder_checkpoint: Path | None = None,
+    **sources: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict, dict, dict]:
     """Score every core once with the trained model: predictions, metric rows per split, each
     tile's attention, report tables and figures, and the final metrics for MLflow."""
@@ -178,16 +163,7 @@ def evaluate_model(
 
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
-    inputs = _inputs(
-        spec,
-        tiles,
-        cohorts,
-        accepted_cores,
-        reference_stains,
-        tile_embeddings,
-        embedding_index,
-        encoder_checkpoint,
-    )
+    inputs = _inputs(spec, tiles, cohorts, **sources)
     loaded = load_checkpoint(
         checkpoint, expected_arch=spec.arch, expected={"n_classes": len(t.classes), "task": t.name}
     )
