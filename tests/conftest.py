@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,14 @@ def cohort() -> dict[str, np.ndarray]:
         "b.png": fake_core(256, 200, 20, source=150),
         "c.png": fake_core(300, 120, 90, source=300),
     }
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_run_outlives_its_test():
+    """End any MLflow run a test left active (MLflow's fluent API starts one implicitly when an
+    artifact is logged outside a run); the next test would otherwise log into a deleted store."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()

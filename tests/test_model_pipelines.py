@@ -104,7 +104,8 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     # clam reuses the finished encoder and cache: nothing is recomputed, mil's rows stay
     before = {p.name: os.stat(p).st_mtime_ns for p in cache.glob("*.npz")}
     encoder_bytes = (data / "06_models" / "encoder.pt").read_bytes()
-    _run("clam", catalog_config, model_params)
+    with mlflow.start_run():  # kedro-mlflow opens one run per `kedro run`
+        _run("clam", catalog_config, model_params)
     assert {p.name: os.stat(p).st_mtime_ns for p in cache.glob("*.npz")} == before
     assert (data / "06_models" / "encoder.pt").read_bytes() == encoder_bytes
     metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
@@ -114,7 +115,8 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     assert np.allclose(sums, 1.0, atol=1e-4)
 
     # the whole-core ResNet: batches of cores, no attention rows
-    _run("resnet", catalog_config, model_params)
+    with mlflow.start_run():
+        _run("resnet", catalog_config, model_params)
     metrics = pd.read_csv(data / "08_reporting" / "metrics.csv")
     assert "resnet34" in set(metrics["model"]) and "dsmil" in set(metrics["model"])
     attention = pd.read_parquet(data / "07_model_output" / "attention.parquet")

@@ -84,8 +84,20 @@ def test_session_parameters_that_differ_from_the_built_pipeline_stop_the_run(
     extra = {"p99": {"name": "p99", "features": ["dab_p99"]}}
     built = declared_study()
     check_study_matches_pipeline(built)  # the same declaration passes
-    with pytest.raises(ParameterError, match="intensity pipeline was built from the 'local'"):
+    with pytest.raises(ParameterError, match="its pipeline was built from the 'local'"):
         check_study_matches_pipeline(_study(base_params, **extra))
+
+
+def test_torch_study_that_differs_from_the_built_pipeline_stops_the_run(base_params, monkeypatch):
+    from her2_kedro.config import TorchStudyParams
+
+    monkeypatch.delenv("KEDRO_ENV", raising=False)
+    monkeypatch.chdir(PROJECT)
+    study = copy.deepcopy(base_params["clam_study"])
+    check_study_matches_pipeline(TorchStudyParams.model_validate(study), "clam_study")
+    study["models"]["extra"] = {**study["models"]["dsmil"], "name": "extra"}
+    with pytest.raises(ParameterError, match="clam_study declares"):
+        check_study_matches_pipeline(TorchStudyParams.model_validate(study), "clam_study")
 
 
 def test_a_study_without_models_is_refused(base_params):

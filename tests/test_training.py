@@ -13,8 +13,9 @@ from her2_kedro.modelling import training
 from her2_kedro.modelling.attention import build_attention_mil
 from her2_kedro.modelling.bags import Bag
 from her2_kedro.modelling.checkpoints import CheckpointError, load_checkpoint
+from her2_kedro.modelling.devices import resolve_device
 from her2_kedro.modelling.sampling import FiveClassSampler
-from her2_kedro.modelling.training import TrainingResult, resolve_device, train
+from her2_kedro.modelling.training import TrainingResult, train
 
 DIM = 16
 PARAMS = {"n_classes": 2, "in_dim": DIM, "hidden_dim": 8, "dropout": 0.25}  # dropout: RNG matters
@@ -252,3 +253,36 @@ def test_device_auto_and_checkpoint_needs_arch(tmp_path) -> None:
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="arch"):
         _run(_config(max_epochs=1), checkpoint_path=tmp_path / "x.pt")
+
+
+def test_precise_batch_norm_sets_running_statistics_from_training_items() -> None:
+    from her2_kedro.modelling.batch_norm import recompute_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    batches = [torch.randn(8, 3) * (i + 1) + i for i in range(4)]
+    model.eval()
+    used = recompute_batch_norm(model, batches, lambda m, x: m(x))
+    assert used == 4 and not model.training  # the model's mode is restored
+    with torch.no_grad():
+        features = [model[0](x) for x in batches]
+    means = torch.stack([f.mean(0) for f in features]).mean(0)
+    variances = torch.stack([f.var(0, unbiased=True) for f in features]).mean(0)
+    norm = model[1]
+    assert torch.allclose(norm.running_mean, means, atol=1e-5)
+    assert torch.allclose(norm.running_var, variances, atol=1e-4)
+    assert norm.momentum == 0.1  # the default momentum is back
+
+
+def test_precise_batch_norm_runs_after_each_epoch(monkeypatch) -> None:
+    import her2_kedro.modelling.training as training
+
+    calls = []
+    real = training.recompute_batch_norm
+    monkeypatch.setattr(
+        training,
+        "recompute_batch_norm",
+        lambda model, items, forward: calls.append(real(model, items, forward)),
+    )
+    _run(_config(max_epochs=2, precise_bn_batches=3))
+    assert calls == [3, 3]

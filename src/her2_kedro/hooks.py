@@ -8,31 +8,42 @@ import pandas as pd
 from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 
-from her2_kedro.config import IntensityStudyParams, ParameterError, validate_parameters
+from her2_kedro.config import (
+    TORCH_STUDIES,
+    IntensityStudyParams,
+    ParameterError,
+    TorchStudyParams,
+    validate_parameters,
+)
 from her2_kedro.config.project import project_parameters, run_env
 
 
-def _study_shape(study: IntensityStudyParams) -> dict[str, object]:
-    return {
-        "models": {name: m.features_table for name, m in study.models.items()},
-        "tasks": sorted(study.tasks),
+def _study_shape(study: IntensityStudyParams | TorchStudyParams) -> dict[str, object]:
+    """What a study's pipeline is built from: each model's input and the tasks."""
+    inputs = {
+        name: getattr(m, "features_table", None) or getattr(m, "input", None)
+        for name, m in study.models.items()
     }
+    return {"models": inputs, "tasks": sorted(study.tasks)}
 
 
-def check_study_matches_pipeline(params_study: IntensityStudyParams | None) -> None:
-    """The session's models and tasks must be those the intensity pipeline was built from.
+def check_study_matches_pipeline(
+    params_study: IntensityStudyParams | TorchStudyParams | None,
+    section: str = "intensity_study",
+) -> None:
+    """The session's models and tasks must be those the study's pipeline was built from.
 
     The registry reads conf/ for ``KEDRO_ENV`` (set by ``kedro run --env``); a session created in
     Python with another ``env`` and other models would otherwise run a pipeline that ignores them.
     """
-    declared = project_parameters().get("intensity_study")
+    declared = project_parameters().get(section)
     if params_study is None or declared is None:
         return
-    built = _study_shape(IntensityStudyParams.model_validate(declared))
+    built = _study_shape(type(params_study).model_validate(declared))
     wanted = _study_shape(params_study)
     if built != wanted:
         raise ParameterError(
-            f"intensity_study declares {wanted}, but the intensity pipeline was built from the "
+            f"{section} declares {wanted}, but its pipeline was built from the "
             f"'{run_env()}' environment's {built}. Run with `kedro run --env=<env>` or set "
             "KEDRO_ENV so that both read the same conf/ environment."
         )
@@ -50,7 +61,8 @@ class ValidateParametersHook:
     @hook_impl
     def after_context_created(self, context: KedroContext) -> None:
         validated = validate_parameters(context.params)
-        check_study_matches_pipeline(validated.get("intensity_study"))
+        for section in ("intensity_study", *TORCH_STUDIES.values()):
+            check_study_matches_pipeline(validated.get(section), section)
 
 
 class ManifestVersionHook:

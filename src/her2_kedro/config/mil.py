@@ -46,6 +46,8 @@ class TrainingConfig(Strict):
     (ties: the earlier) or the ``last`` (the authors' code). ``device``: ``auto`` (CUDA if
     available, else CPU) or a torch device string; ``bf16`` autocasts on CUDA only.
     ``grad_accumulation`` bags (batch size 1) are summed into one optimiser step.
+    ``precise_bn_batches``: after each epoch, BatchNorm running statistics are recomputed from
+    this many training items (0: off), so small-batch CPU training evaluates as it trains.
     """
 
     lr: float = Field(1e-3, gt=0)
@@ -61,3 +63,4 @@ class TrainingConfig(Strict):
     bf16: bool = True
     grad_accumulation: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
+    precise_bn_batches: int = Field(0, ge=0)

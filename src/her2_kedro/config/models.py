@@ -42,7 +42,7 @@ class EncoderConfig(Strict):
     target: Literal["five_class", "ihc_score", "her2_status"] = "five_class"
     bag: BagConfig = BagConfig(input_size=64, max_tiles=16)
     training: TrainingConfig = TrainingConfig(
-        max_epochs=12, plateau_patience=3, early_stopping_patience=6
+        max_epochs=12, plateau_patience=3, early_stopping_patience=6, precise_bn_batches=8
     )
     hidden_dim: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)

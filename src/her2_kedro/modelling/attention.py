@@ -10,30 +10,14 @@ checkpointing so a whole core (576 tiles of 224 px) fits in memory.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from her2_kedro.modelling.batch_norm import batch_norms, frozen_batch_norm
 from her2_kedro.modelling.encoders import build_encoder
-
-
-@contextlib.contextmanager
-def _running_batch_norm(module: nn.Module, active: bool) -> Iterator[None]:
-    """While active, BatchNorm layers of ``module`` use (and keep) their running statistics."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    states = [m.training for m in norms]
-    if active:
-        for m in norms:
-            m.eval()
-    try:
-        yield
-    finally:
-        for m, state in zip(norms, states, strict=True):
-            m.train(state)
 
 
 class MILOutput(NamedTuple):
@@ -97,9 +81,8 @@ class AttentionMIL(nn.Module):
         mode (running statistics, not one bag's), e.g. when fine-tuning a trained trunk."""
         super().train(mode)
         if mode and self.freeze_batch_norm and self.encoder is not None:
-            for m in self.encoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in batch_norms(self.encoder):
+                m.eval()
         return self
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -115,7 +98,7 @@ class AttentionMIL(nn.Module):
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         parts = []
         n_chunks = -(-tiles.shape[0] // self.micro_batch)
-        with _running_batch_norm(self.encoder, tiles.shape[0] == 1 and self.training):
+        with frozen_batch_norm(self.encoder, tiles.shape[0] == 1 and self.training):
             for chunk in torch.tensor_split(tiles, n_chunks):
                 if use_ckpt:
                     parts.append(checkpoint(self.encoder, chunk, use_reentrant=False))

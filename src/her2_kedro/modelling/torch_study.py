@@ -27,16 +27,11 @@ from her2_kedro.evaluation.study import EXTERNAL_SPLIT, Task
 from her2_kedro.imaging.tiling import PAPER_RULE
 from her2_kedro.modelling.bags import BagDataset, Transform
 from her2_kedro.modelling.checkpoints import ARCHITECTURES
+from her2_kedro.modelling.devices import autocast, resolve_device
 from her2_kedro.modelling.embeddings import EmbeddingBagDataset, EntryLoader
 from her2_kedro.modelling.sampling import FiveClassSampler
 from her2_kedro.modelling.tile_batches import TileBatchDataset
-from her2_kedro.modelling.training import (
-    EpochCallback,
-    TrainingResult,
-    autocast,
-    resolve_device,
-    train,
-)
+from her2_kedro.modelling.training import EpochCallback, TrainingResult, train
 from her2_kedro.schema import FIVE_CLASSES, QCProblem
 
 logger = logging.getLogger(__name__)

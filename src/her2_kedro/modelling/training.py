@@ -1,14 +1,13 @@
 """One training loop for every torch MIL-style model (attention MIL, CLAM, ResNet on whole cores).
 
-A model maps one bag (``Bag.tiles``: tiles or embeddings) to an output with ``.logits``
-``(n_classes,)``. The loop trains with Adam and plain cross-entropy (class balance comes only from
-the sampler, as the authors did), one bag per step with optional gradient accumulation; after each
-epoch it scores the validation bags, reduces the learning rate on a plateau of validation balanced
-accuracy, stops early when it stalls, and keeps the best and the last weights.
+A model maps one item (a bag of tiles or embeddings, or a batch of cores or tiles with one label
+each) to ``.logits``. The loop trains with Adam and cross-entropy (class balance comes only from the
+sampler, as the authors did), with optional gradient accumulation; after each epoch it scores the
+validation items, reduces the learning rate on a plateau of validation balanced accuracy, stops
+early when it stalls, and keeps the best and the last weights.
 
-Honesty by construction: :func:`train` takes a training and a validation dataset and nothing else;
-gradients flow only from training items and validation items only select (learning rate, early
-stop, checkpoint). Test cores are scored elsewhere, once.
+Honesty by construction: :func:`train` takes a training and a validation dataset only; gradients
+flow only from training items, validation items only select. Test cores are scored elsewhere, once.
 
 Reproducible: a fresh run seeds torch / numpy / ``random`` from ``config.seed``; the training order
 is the sampler's (``set_epoch`` each epoch) or a seeded permutation per epoch. After every epoch a
@@ -19,7 +18,6 @@ resumed run ends with the same weights and history as an uninterrupted one (on C
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,16 +33,16 @@ from tqdm.auto import tqdm
 
 from her2_kedro.config.mil import TrainingConfig
 from her2_kedro.evaluation.metrics import classification_metrics
+from her2_kedro.modelling.batch_norm import recompute_batch_norm
 from her2_kedro.modelling.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from her2_kedro.modelling.devices import autocast, resolve_device
 from her2_kedro.modelling.reproducibility import rng_states, seed_everything, set_rng_states
 
 __all__ = [
     "EpochCallback",
-    "autocast",
     "TrainingResult",
     "TrainState",
     "evaluate",
-    "resolve_device",
     "train",
 ]
 
@@ -85,20 +83,6 @@ class TrainState:
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other string is taken as a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA only (CPU stays float32: exact, deterministic and usually faster)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -161,11 +145,8 @@ def _train_epoch(
     device: torch.device,
     bar: tqdm,
 ) -> float:
-    """One pass over the training bags; returns the mean per-bag loss.
-
-    Gradients of ``grad_accumulation`` bags are averaged into one step; the last, shorter group is
-    averaged over its own size and stepped too.
-    """
+    """One pass over the training bags; the mean per-bag loss. Gradients of ``grad_accumulation``
+    bags are averaged into one step (a last, shorter group over its own size)."""
     model.train()
     n, accum = len(loader), config.grad_accumulation
     total = 0.0
@@ -323,6 +304,9 @@ def _run_epoch(
     lr = float(optimizer.param_groups[0]["lr"])
     with tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
         train_loss = _train_epoch(model, loader, optimizer, config, device, bar)
+    if config.precise_bn_batches:
+        items = (train_data[i] for i in list(order)[: config.precise_bn_batches])
+        recompute_batch_norm(model, items, lambda m, item: _bag_loss(m, item, device, config.bf16))
     val = evaluate(model, val_data, device, bf16=config.bf16, num_workers=config.num_workers)
     return {
         "epoch": float(epoch),

@@ -119,7 +119,12 @@ def train_encoder(
         {"name": config.name, "weights": None},
         task=config.target if config.train else None,
         training=config.training.model_dump(mode="json") if config.train else None,
-        extras={"fingerprint": fingerprint, "history": history.to_dict("list")},
+        extras={
+            "fingerprint": fingerprint,
+            "history": history.to_dict("list"),
+            "encoder": config.model_dump(mode="json"),  # its input size, for new cores
+            "tiles": dict(tiles),
+        },
     )
     data = path.read_bytes()
     (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
@@ -213,8 +218,8 @@ def embed_cores(
 
     from her2_kedro.features.preprocess import decode_rgb
     from her2_kedro.modelling.checkpoints import checkpoint_sha256, load_checkpoint
+    from her2_kedro.modelling.devices import resolve_device
     from her2_kedro.modelling.embeddings import embed_core, embedding_key
-    from her2_kedro.modelling.training import resolve_device
 
     config = EncoderConfig.model_validate(encoder)
     inputs = _inputs(accepted_cores, reference_stains, tiles, cohorts)

@@ -133,6 +133,8 @@ def train_model(
         task=t.name,
         training=spec.training.model_dump(mode="json"),
         epoch=result.selected_epoch,
+        # how to feed the model new cores (its input kind, bag / image settings, tile rule)
+        extras={"spec": spec.model_dump(mode="json"), "tiles": dict(tiles)},
     )
     (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
     logger.info(
