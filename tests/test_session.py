@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -117,3 +118,24 @@ def test_our_tests_package_wins_over_torchmils():
     import tests
 
     assert Path(tests.__file__).resolve().parent == PROJECT / "tests"
+
+
+def test_the_singular_pipeline_flag_users_type_runs_that_pipeline(project):
+    """`kedro run --pipeline=NAME` (as users type it) runs the registered pipeline NAME."""
+    import subprocess
+    import sys
+
+    _run(project, "synthetic")
+    kedro = Path(sys.executable).with_name("kedro")
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run(
+        [str(kedro), "run", "--pipeline=ingestion"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (project / "data" / "02_intermediate" / "qc_report.csv").is_file()
+    assert not (project / "data" / "04_feature" / "tile_index.parquet").exists()  # only ingestion
