@@ -24,7 +24,7 @@ out-of-class term ``min(k, N)``; when no instance term can be formed the loss is
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -217,28 +217,7 @@ class CLAM(nn.Module):
         return self.bag_weight * bag_loss + (1.0 - self.bag_weight) * inst
 
 
-def build_clam(
-    variant: str,
-    n_classes: int,
-    in_dim: int = 512,
-    embed_dim: int = 512,
-    attn_dim: int = 256,
-    dropout: float = 0.25,
-    k_sample: int = 8,
-    bag_weight: float = 0.7,
-    instance_loss: str = "ce",
-    subtyping: bool = True,
-) -> CLAM:
-    """Build CLAM from plain parameters (as stored in a checkpoint's meta, arch ``"clam"``)."""
-    return CLAM(
-        n_classes,
-        variant,
-        in_dim,
-        embed_dim,
-        attn_dim,
-        dropout,
-        k_sample,
-        bag_weight,
-        instance_loss,
-        subtyping,
-    )
+def build_clam(variant: str, n_classes: int, **params: Any) -> CLAM:
+    """Build CLAM from plain parameters (as stored in a checkpoint's meta, arch ``"clam"``); the
+    keyword parameters are :class:`CLAM`'s."""
+    return CLAM(n_classes, variant, **params)

@@ -21,8 +21,8 @@ normalisation (the authors used ``ToTensor`` only).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from her2_kedro.features.preprocess import decode_rgb
+from her2_kedro.modelling.bags import Loader, Transform
 from her2_kedro.modelling.sampling import FiveClassSampler
 
 __all__ = [
@@ -41,9 +42,6 @@ __all__ = [
     "decode_downscaled",
 ]
 
-Loader = Callable[[], bytes]
-#: ``transform(row, rgb) -> rgb``: applied to each downscaled uint8 core (e.g. stain normalisation).
-Transform = Callable[[dict[str, Any], np.ndarray], np.ndarray]
 #: Pillow's antialiased bilinear filter (the filter torch's ``antialias=True`` bilinear copies).
 RESAMPLE = Image.Resampling.BILINEAR
 
