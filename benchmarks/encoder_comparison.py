@@ -35,6 +35,7 @@ from her2_kedro.config import (  # noqa: E402
 )
 from her2_kedro.evaluation.study import TASKS, evaluate_probabilities  # noqa: E402
 from her2_kedro.features.preprocess import decode_rgb  # noqa: E402
+from her2_kedro.imaging.normalisation import cohort_normaliser  # noqa: E402
 from her2_kedro.modelling.embeddings import embed_core  # noqa: E402
 from her2_kedro.modelling.encoders import build_encoder  # noqa: E402
 from her2_kedro.modelling.torch_study import (  # noqa: E402
@@ -84,13 +85,16 @@ def train_trunk(recipe: str, args, manifest, tiles, inputs) -> tuple[torch.nn.Mo
 
 
 def embed_all(trunk, manifest, tiles, inputs, input_size) -> dict:
-    """Every bagged core's cache entry, in memory."""
+    """Every bagged core's cache entry, in memory (normalised cohorts normalised, as in the
+    features pipeline)."""
     entries = {}
     keep = set(tiles["core_id"])
     for row in manifest.to_dict("records"):
         if row["core_id"] not in keep:
             continue
         rgb = decode_rgb(inputs.cores[row["image"]]())
+        if inputs.transform is not None:
+            rgb = inputs.transform(row, rgb)
         entry = embed_core(trunk, rgb, row["core_id"], inputs.rule, input_size)
         entries[row["core_id"]] = lambda e=entry: e
     return entries
@@ -137,7 +141,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     manifest, tiles, cores = load_cohort(args.data)
-    inputs = ModelInputs(cores=cores, rule=TileConfig())
+    versions = sorted((args.data / "04_feature" / "reference_stains.json").rglob("*.json"))
+    reference = json.loads(versions[-1].read_text()) if versions else None
+    transform = cohort_normaliser(reference, ["external"])  # the conf/base cohorts setting
+    inputs = ModelInputs(cores=cores, rule=TileConfig(), transform=transform)
     print(
         f"cohort {args.data}: {len(manifest)} cores "
         f"({dict(manifest['split'].value_counts())}); torch {torch.__version__}, "
