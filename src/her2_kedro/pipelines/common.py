@@ -111,3 +111,21 @@ def replace_model_rows(previous: pd.DataFrame | None, new: pd.DataFrame) -> pd.D
         index=previous.index,
     )
     return pd.concat([previous[~stale], new], ignore_index=True)
+
+
+def image_inputs(
+    accepted_cores: Any,
+    reference_stains: Mapping[str, Any] | None,
+    tiles: Mapping[str, Any],
+    cohorts: Mapping[str, Any],
+) -> Any:
+    """``ModelInputs`` of models that read core images: the cores, the tile rule, and the Macenko
+    normalisation preprocessing applied to ``cohorts.stain_normalised``."""
+    from her2_kedro.config import CohortsConfig, TileConfig
+    from her2_kedro.imaging.normalisation import cohort_normaliser
+    from her2_kedro.modelling.torch_study import ModelInputs
+
+    rule = TileConfig.model_validate(tiles)
+    normalised = CohortsConfig.model_validate(cohorts).stain_normalised
+    transform = cohort_normaliser(reference_stains, normalised, rule.background_grey)
+    return ModelInputs(cores=accepted_cores, transform=transform, rule=rule)

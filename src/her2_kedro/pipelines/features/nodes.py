@@ -14,7 +14,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from her2_kedro.config import CohortsConfig, EncoderConfig, TileConfig, TorchModelConfig
-from her2_kedro.pipelines.common import epoch_logger
+from her2_kedro.pipelines.common import epoch_logger, image_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ def _encoder_spec(encoder: EncoderConfig) -> TorchModelConfig:
     )
 
 
-def _inputs(accepted_cores, reference_stains, tiles, cohorts):
-    from her2_kedro.imaging.normalisation import cohort_normaliser
-    from her2_kedro.modelling.torch_study import ModelInputs
-
-    rule = TileConfig.model_validate(tiles)
-    normalised = CohortsConfig.model_validate(cohorts).stain_normalised
-    transform = cohort_normaliser(reference_stains, normalised, rule.background_grey)
-    return ModelInputs(cores=accepted_cores, transform=transform, rule=rule)
-
-
 def train_encoder(
     core_manifest: pd.DataFrame,
     tile_index: pd.DataFrame,
@@ -70,9 +60,10 @@ def train_encoder(
 ) -> tuple[bytes, pd.DataFrame]:
     """The frozen encoder's checkpoint (bytes) and its training curve.
 
-    With ``encoder.train`` the trunk is trained end to end as attention MIL on the training cores
-    (selected on validation cores), then kept alone; otherwise the initial weights are kept as
-    they are. An interrupted run resumes from ``workdir``.
+    With ``encoder.train`` the trunk is trained on the training cores (``encoder.method``: a tile
+    classifier, or end-to-end attention MIL; selected on validation cores), then kept alone;
+    otherwise the initial weights are kept as they are. An interrupted run resumes from
+    ``workdir``; a finished encoder of the same settings and training cores is reused.
     """
     from her2_kedro.evaluation.study import TASKS
     from her2_kedro.modelling.checkpoints import save_checkpoint
@@ -92,7 +83,7 @@ def train_encoder(
     if config.train:
         for p in problems:
             logger.warning("Encoder training: %s %s", p.core_id, p.reason)
-        inputs = _inputs(accepted_cores, reference_stains, tiles, cohorts)
+        inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
         model, result, _ = fit(
             _encoder_spec(config),
             table,
@@ -222,7 +213,7 @@ def embed_cores(
     from her2_kedro.modelling.embeddings import embed_core, embedding_key
 
     config = EncoderConfig.model_validate(encoder)
-    inputs = _inputs(accepted_cores, reference_stains, tiles, cohorts)
+    inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
     normalised = CohortsConfig.model_validate(cohorts).stain_normalised
     encoder_sha = checkpoint_sha256(encoder_checkpoint)
     has_tiles = set(tile_index["core_id"])

@@ -18,6 +18,7 @@ from her2_kedro.hooks import manifest_version
 from her2_kedro.pipelines.common import (
     epoch_logger,
     final_metrics,
+    image_inputs,
     model_reports,
     replace_model_rows,
     run_id,
@@ -71,28 +72,26 @@ def _inputs(
     """What this model's datasets read, from the node's keyword inputs (``sources``: the
     accepted cores and stain reference, or the embedding cache and its index, and the trained
     encoder where the model starts from it)."""
-    from her2_kedro.imaging.normalisation import cohort_normaliser
     from her2_kedro.modelling.torch_study import ModelInputs
 
+    if spec.input != "embeddings":
+        inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
+        inputs.encoder_path = encoder_checkpoint
+        return inputs
     rule = TileConfig.model_validate(tiles)
     inputs = ModelInputs(rule=rule, encoder_path=encoder_checkpoint)
-    if spec.input == "embeddings":
-        by_key = {
-            Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()
-        }
-        missing = sorted(set(embedding_index["key"]) - set(by_key))
-        if missing:
-            raise KeyError(f"embedding cache entries missing: {missing[:5]} (rerun features)")
-        inputs.embeddings = {
-            core_id: by_key[key]
-            for core_id, key in zip(embedding_index["core_id"], embedding_index["key"], strict=True)
-        }
-        first = next(iter(inputs.embeddings.values()), None)
-        inputs.embedding_dim = int(first()["embeddings"].shape[1]) if first else None
-    else:
-        normalised = CohortsConfig.model_validate(cohorts).stain_normalised
-        inputs.cores = accepted_cores
-        inputs.transform = cohort_normaliser(reference_stains, normalised, rule.background_grey)
+    by_key = {
+        Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()
+    }
+    missing = sorted(set(embedding_index["key"]) - set(by_key))
+    if missing:
+        raise KeyError(f"embedding cache entries missing: {missing[:5]} (rerun features)")
+    inputs.embeddings = {
+        core_id: by_key[key]
+        for core_id, key in zip(embedding_index["core_id"], embedding_index["key"], strict=True)
+    }
+    first = next(iter(inputs.embeddings.values()), None)
+    inputs.embedding_dim = int(first()["embeddings"].shape[1]) if first else None
     return inputs
 
 
