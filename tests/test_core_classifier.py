@@ -166,9 +166,31 @@ def test_encoder_weights_from_a_local_trunk_checkpoint(tmp_path) -> None:
 
 def test_config_defaults_and_limits() -> None:
     spec = TorchModelConfig(name="resnet34", input="core_image", arch="core_classifier")
-    assert (spec.encoder, spec.encoder_weights, spec.image.input_size) == ("resnet34", None, 128)
+    assert (spec.encoder, spec.encoder_weights, spec.image.input_size) == (None, None, 128)
     assert (spec.image.batch_size, spec.image.flips, spec.image.cache) == (32, True, True)
     with pytest.raises(ValidationError):
         ImageConfig(batch_size=1)
     with pytest.raises(ValidationError):
         ImageConfig(input_sise=64)
+
+
+def test_trunk_follows_the_trained_encoder_unless_named(tmp_path) -> None:
+    from her2_kedro.modelling.encoders import build_encoder
+    from her2_kedro.modelling.torch_study import ModelInputs, build_model
+
+    trunk, _ = build_encoder("resnet18", None)
+    path = save_checkpoint(tmp_path / "encoder.pt", trunk, "encoder", {"name": "resnet18"})
+    inputs = ModelInputs(encoder_path=path)
+    spec = TorchModelConfig(
+        name="mil", input="tiles", arch="attention_mil", encoder_weights="trained"
+    )
+    model, params = build_model(spec, 2, inputs)
+    assert params["encoder"] == "resnet18"
+    assert torch.equal(model.encoder.conv1.weight, trunk.conv1.weight)
+    # without trained weights the default trunk is the paper's ResNet34
+    _, params = build_model(spec.model_copy(update={"encoder_weights": None}), 2, inputs)
+    assert params["encoder"] == "resnet34"
+    # a trunk named explicitly that does not match the trained one fails, naming the file
+    named = spec.model_copy(update={"encoder": "resnet34"})
+    with pytest.raises(Exception, match="encoder.pt"):
+        build_model(named, 2, inputs)

@@ -175,3 +175,37 @@ def test_fit_without_validation_cores_keeps_the_last_epoch_and_says_so(caplog):
     assert "no validation cores" in caplog.text
     assert len(result.history) == 3 and result.selected_epoch == 2  # never stopped early
     assert params["in_dim"] == 8 and params["n_classes"] == 2
+
+
+def test_stale_cache_entries_are_pruned_or_kept_and_counted(tmp_path, caplog):
+    from her2_kedro.pipelines.features.nodes import _report_stale
+
+    cache = {}
+    for name in ("aaaa-enc1-s", "bbbb-enc1-s", "aaaa-enc0-s"):
+        (tmp_path / f"{name}.npz").write_bytes(b"x" * 1000)
+        cache[f"{name}.npz"] = tmp_path / f"{name}.npz"
+    current = {"aaaa-enc1-s", "bbbb-enc1-s", "cccc-enc1-s"}  # cccc is still to compute
+    with caplog.at_level("INFO"):
+        _report_stale(cache, current, prune=False)
+    assert "1 stale entries" in caplog.text and (tmp_path / "aaaa-enc0-s.npz").exists()
+    _report_stale(cache, current, prune=True)
+    assert sorted(p.stem for p in tmp_path.glob("*.npz")) == ["aaaa-enc1-s", "bbbb-enc1-s"]
+
+
+def test_model_inputs_name_missing_cache_entries():
+    from her2_kedro.config import TorchModelConfig
+    from her2_kedro.pipelines.models.nodes import _inputs
+
+    spec = TorchModelConfig(name="m", input="embeddings", arch="attention_mil")
+    entry = {"embeddings": np.zeros((2, 8), np.float32), "coords": np.zeros((2, 2), np.int64)}
+    index = pd.DataFrame({"core_id": ["c1", "c2"], "key": ["k1", "k2"], "n_tiles": [2, 2]})
+    inputs = _inputs(
+        spec,
+        {},
+        {},
+        tile_embeddings={"k1.npz": lambda: entry, "k2.npz": lambda: entry},
+        embedding_index=index,
+    )
+    assert set(inputs.embeddings) == {"c1", "c2"} and inputs.embedding_dim == 8
+    with pytest.raises(KeyError, match="k2"):
+        _inputs(spec, {}, {}, tile_embeddings={"k1.npz": lambda: entry}, embedding_index=index)

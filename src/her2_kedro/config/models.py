@@ -10,7 +10,7 @@ namespace ``<model>.<task>`` per declared model and task, as the intensity study
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,16 +33,18 @@ class EncoderConfig(Strict):
     ``tile_classifier`` (default: each tile labelled with its core's class, batches of
     ``bag.cores_per_batch`` cores' tiles) or ``mil`` (end-to-end gated-attention MIL, one core per
     step). Tiles are read as ``bag`` says (``bag.input_size`` is also the embedding input size).
+    ``prune_stale_embeddings``: delete cache entries no current core uses (an earlier encoder's,
+    or removed cores'); inference-only settings do not change which encoder is trained.
     """
 
-    name: str = "resnet34"
+    name: str = "resnet18"  # learns most per CPU minute (benchmarks/encoder_comparison.py)
     weights: str | None = None
     train: bool = True
     method: Literal["tile_classifier", "mil"] = "tile_classifier"
     target: Literal["five_class", "ihc_score", "her2_status"] = "five_class"
-    bag: BagConfig = BagConfig(input_size=64, max_tiles=16)
+    bag: BagConfig = BagConfig(input_size=64, max_tiles=4, cores_per_batch=32)
     training: TrainingConfig = TrainingConfig(
-        max_epochs=12, plateau_patience=3, early_stopping_patience=6, precise_bn_batches=8
+        max_epochs=30, plateau_patience=5, early_stopping_patience=10, precise_bn_batches=8
     )
     hidden_dim: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -50,6 +52,12 @@ class EncoderConfig(Strict):
     grad_checkpoint: bool = False
     embedding_batch_size: int = Field(128, ge=1)
     channels_last: bool = True
+    prune_stale_embeddings: bool = True
+
+    #: Fields that change how embeddings are computed or kept, not the trained encoder.
+    INFERENCE_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"embedding_batch_size", "prune_stale_embeddings"}
+    )
 
 
 class ImageConfig(Strict):
@@ -71,15 +79,15 @@ class TorchModelConfig(Strict):
     ``arch``: a registered architecture (``attention_mil``, ``clam``, ``torchmil``,
     ``core_classifier``) built with ``params`` plus the task's ``n_classes``. ``encoder`` /
     ``encoder_weights``: the trunk of ``tiles`` and ``core_image`` models; ``encoder_weights:
-    trained`` starts from the features pipeline's trained backbone, ``None`` from random weights
-    (the paper).
+    trained`` starts from the features pipeline's trained backbone (``encoder`` left out: that
+    backbone's trunk), ``None`` from random weights (the paper).
     """
 
     name: str
     input: Literal["tiles", "tile_batches", "embeddings", "core_image"]
     arch: str
     params: dict[str, Any] = {}
-    encoder: str = "resnet34"
+    encoder: str | None = None  # None: the trained backbone's trunk, else resnet34
     encoder_weights: str | None = None
     bag: BagConfig = BagConfig()
     image: ImageConfig = ImageConfig()

@@ -137,6 +137,6 @@ class EmbeddingBagDataset(Dataset):
         if self.train and self.max_tiles is not None and len(embeddings) > self.max_tiles:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
             frame = pd.DataFrame({"tissue_fraction": np.zeros(len(embeddings))})
-            keep = cap_tiles(frame, self.max_tiles, rng).index.to_numpy()
+            keep = torch.from_numpy(cap_tiles(frame, self.max_tiles, rng).index.to_numpy(copy=True))
             embeddings, coords = embeddings[keep], coords[keep]
         return Bag(embeddings, coords, self.labels[index], core_id)

@@ -107,6 +107,16 @@ def _encoder_weights(spec: TorchModelConfig, inputs: ModelInputs) -> str | None:
     return str(inputs.encoder_path)
 
 
+def _trunk_name(spec: TorchModelConfig, weights: str | None) -> str:
+    """The trunk a spec without ``encoder`` gets: the trained backbone's, else the default."""
+    from her2_kedro.modelling.checkpoints import read_checkpoint
+    from her2_kedro.modelling.encoders import DEFAULT_ENCODER
+
+    if spec.encoder_weights != TRAINED_ENCODER:
+        return DEFAULT_ENCODER
+    return str(read_checkpoint(weights)["meta"]["params"]["name"])
+
+
 def build_model(
     spec: TorchModelConfig, n_classes: int, inputs: ModelInputs
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -121,8 +131,8 @@ def build_model(
             raise ValueError(f"{spec.name}: the embedding width is unknown")
         params["in_dim"] = int(inputs.embedding_dim)
     else:
-        params["encoder"] = spec.encoder
         params["encoder_weights"] = _encoder_weights(spec, inputs)
+        params["encoder"] = spec.encoder or _trunk_name(spec, params["encoder_weights"])
     return ARCHITECTURES[spec.arch](**params), params
 
 

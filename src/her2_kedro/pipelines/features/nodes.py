@@ -113,7 +113,9 @@ def train_encoder(
         extras={
             "fingerprint": fingerprint,
             "history": history.to_dict("list"),
-            "encoder": config.model_dump(mode="json"),  # its input size, for new cores
+            "encoder": config.model_dump(
+                mode="json", exclude=set(config.INFERENCE_ONLY)
+            ),  # its input size, for new cores
             "tiles": dict(tiles),
         },
     )
@@ -146,7 +148,7 @@ def _fingerprint(
     normalised = set(CohortsConfig.model_validate(cohorts).stain_normalised)
     return settings_hash(
         {
-            "encoder": config.model_dump(mode="json"),
+            "encoder": config.model_dump(mode="json", exclude=set(config.INFERENCE_ONLY)),
             "tiles": tiles,
             "cores": cores,
             "reference": reference if set(used["cohort"]) & normalised else None,
@@ -186,6 +188,25 @@ def _embedding_settings(
             "source": (reference.get("sources") or {}).get(cohort, {}).get("vectors"),
         }
     return settings
+
+
+def _report_stale(cache: Mapping[str, Path], current: set[str], *, prune: bool) -> None:
+    """Delete (``prune``) or just count the cache entries no current core's key names."""
+    stale = [Path(path) for name, path in cache.items() if Path(name).stem not in current]
+    if not stale:
+        return
+    size_mb = sum(p.stat().st_size for p in stale if p.is_file()) / 1e6
+    if prune:
+        for path in stale:
+            path.unlink(missing_ok=True)
+        logger.info("Embedding cache: deleted %d stale entries (%.1f MB).", len(stale), size_mb)
+    else:
+        logger.info(
+            "Embedding cache: %d stale entries (%.1f MB) kept (encoder.prune_stale_embeddings "
+            "is false).",
+            len(stale),
+            size_mb,
+        )
 
 
 def embed_cores(
@@ -228,6 +249,7 @@ def embed_cores(
         for r in rows
     }
     todo = [r for r in rows if keys[r["core_id"]] not in existing]
+    _report_stale(embedding_cache, set(keys.values()), prune=config.prune_stale_embeddings)
     logger.info(
         "Embedding cache: %d of %d cores cached already, %d to compute (encoder %s).",
         len(rows) - len(todo),
