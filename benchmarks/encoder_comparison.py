@@ -1,12 +1,13 @@
 """How should the tile encoder behind the embedding cache be trained on a CPU? Measured, not guessed.
 
 For each encoder recipe (a frozen random trunk; a tile classifier on weak core labels; end-to-end
-attention MIL), on a project's ingested and preprocessed cohort (``data/02_intermediate`` and
+attention MIL) and each trunk (ResNet18, ResNet34, ...), on a project's ingested and preprocessed cohort (``data/02_intermediate`` and
 ``data/04_feature``): train the encoder on the training cores (epoch selected on validation cores),
 embed every core, train attention MIL on the cached embeddings for both tasks, and print the
 validation and test balanced accuracies with the time each step took.
 
-    python benchmarks/encoder_comparison.py --data data --recipes random tile_classifier mil
+    python benchmarks/encoder_comparison.py --data data --recipes random tile_classifier mil \
+        --encoders resnet18 resnet34
 
 Test cores are scored once per recipe, after everything was selected on validation cores.
 """
@@ -62,21 +63,24 @@ def load_cohort(data: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return manifest, tiles, cores
 
 
-def train_trunk(recipe: str, args, manifest, tiles, inputs) -> tuple[torch.nn.Module, float]:
+def train_trunk(
+    recipe: str, name: str, args, manifest, tiles, inputs
+) -> tuple[torch.nn.Module, float]:
     """The encoder of a recipe and the validation balanced accuracy its training selected on."""
     if recipe == "random":
         torch.manual_seed(args.seed)
-        return build_encoder(args.encoder, None)[0], float("nan")
+        return build_encoder(name, None)[0], float("nan")
+    defaults = EncoderConfig()
     config = EncoderConfig(
-        name=args.encoder,
+        name=name,
         method=recipe,
-        bag=BagConfig(input_size=args.input_size, max_tiles=args.max_tiles),
-        training=TrainingConfig(
-            lr=args.lr,
-            max_epochs=args.epochs,
-            plateau_patience=3,
-            early_stopping_patience=6,
-            seed=args.seed,
+        bag=BagConfig(
+            input_size=args.input_size,
+            max_tiles=args.max_tiles if recipe == "tile_classifier" else 16,
+            cores_per_batch=args.cores_per_batch,
+        ),
+        training=defaults.training.model_copy(
+            update={"lr": args.lr, "max_epochs": args.epochs, "seed": args.seed}
         ),
     )
     table, _ = bag_table(manifest, tiles, FIVE_CLASS_TASK, ["external"])
@@ -131,10 +135,11 @@ def main() -> None:
         default=["random", "tile_classifier", "mil"],
         choices=["random", "tile_classifier", "mil"],
     )
-    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--encoders", nargs="+", default=["resnet18", "resnet34"])
     parser.add_argument("--input-size", type=int, default=64)
-    parser.add_argument("--max-tiles", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--max-tiles", type=int, default=4, help="tiles per core and step")
+    parser.add_argument("--cores-per-batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -148,16 +153,16 @@ def main() -> None:
     print(
         f"cohort {args.data}: {len(manifest)} cores "
         f"({dict(manifest['split'].value_counts())}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; encoder {args.encoder} at {args.input_size} px"
+        f"{torch.get_num_threads()} threads; tiles at {args.input_size} px"
     )
     rows = []
-    for recipe in args.recipes:
+    for recipe, name in [(r, e) for r in args.recipes for e in args.encoders]:
         t0 = time.perf_counter()
-        trunk, encoder_val = train_trunk(recipe, args, manifest, tiles, inputs)
+        trunk, encoder_val = train_trunk(recipe, name, args, manifest, tiles, inputs)
         t1 = time.perf_counter()
         entries = embed_all(trunk, manifest, tiles, inputs, args.input_size)
         t2 = time.perf_counter()
-        row = {"recipe": recipe, "encoder_val_bacc": encoder_val}
+        row = {"recipe": recipe, "encoder": name, "encoder_val_bacc": encoder_val}
         for task in ("ihc_score", "her2_status"):
             scores = mil_on_embeddings(entries, manifest, tiles, task, args)
             for split in ("val", "test", "external"):
@@ -165,7 +170,7 @@ def main() -> None:
         row.update(train_s=t1 - t0, embed_s=t2 - t1, mil_s=time.perf_counter() - t2)
         rows.append(row)
         print(pd.DataFrame([row]).round(4).to_string(index=False), flush=True)
-    table = pd.DataFrame(rows).set_index("recipe")
+    table = pd.DataFrame(rows).set_index(["recipe", "encoder"])
     print("\nbalanced accuracy of attention MIL on each recipe's cached embeddings:")
     print(table.round(4).to_string())
     if args.json:

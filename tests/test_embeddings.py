@@ -209,3 +209,31 @@ def test_model_inputs_name_missing_cache_entries():
     assert set(inputs.embeddings) == {"c1", "c2"} and inputs.embedding_dim == 8
     with pytest.raises(KeyError, match="k2"):
         _inputs(spec, {}, {}, tile_embeddings={"k1.npz": lambda: entry}, embedding_index=index)
+
+
+def test_fit_does_not_depend_on_what_ran_before_it():
+    """The same spec and data give the same model whatever drew random numbers earlier in the
+    process (in a pipeline: the encoder, other models)."""
+    from her2_kedro.config import TorchModelConfig, TrainingConfig
+    from her2_kedro.modelling.torch_study import ModelInputs, fit
+
+    sizes = {f"c{i}": 3 + i % 3 for i in range(8)}
+    rows = pd.DataFrame(
+        {
+            "core_id": list(sizes),
+            "split": ["train"] * 6 + ["val"] * 2,
+            "five_class": ["0", "3"] * 4,
+            "y": [0, 1] * 4,
+        }
+    )
+    spec = TorchModelConfig(
+        name="m", input="embeddings", arch="attention_mil", training=TrainingConfig(max_epochs=2)
+    )
+    weights = []
+    for earlier in (1, 1000):
+        inputs = ModelInputs(embeddings=_entries(sizes), embedding_dim=8)  # the same entries
+        torch.rand(earlier)  # unrelated random draws before the fit
+        model, result, _ = fit(spec, rows, TASKS["her2_status"], inputs, progress=False)
+        weights.append((model.classifier.weight.detach().clone(), result.history))
+    assert torch.equal(weights[0][0], weights[1][0])
+    assert weights[0][1] == weights[1][1]

@@ -29,6 +29,7 @@ from her2_kedro.modelling.bags import BagDataset, Transform
 from her2_kedro.modelling.checkpoints import ARCHITECTURES
 from her2_kedro.modelling.devices import autocast, resolve_device
 from her2_kedro.modelling.embeddings import EmbeddingBagDataset, EntryLoader
+from her2_kedro.modelling.reproducibility import seed_everything
 from her2_kedro.modelling.sampling import FiveClassSampler
 from her2_kedro.modelling.tile_batches import TileBatchDataset
 from her2_kedro.modelling.training import EpochCallback, TrainingResult, train
@@ -235,6 +236,7 @@ def fit(
         )
         spec, val_rows = _without_validation(spec), train_rows
     seed = spec.training.seed
+    seed_everything(seed)  # the new layers' initial weights must not depend on earlier work
     model, params = build_model(spec, len(task.classes), inputs)
     train_data = make_dataset(spec, train_rows, "y", inputs, train=True, seed=seed)
     val_data = make_dataset(spec, val_rows, "y", inputs, train=False, seed=seed)
@@ -256,6 +258,7 @@ def fit(
         if resume is None:
             raise
         logger.warning("%s / %s: not resuming (%s); training afresh", spec.name, task.name, err)
+        seed_everything(seed)
         model, params = build_model(spec, len(task.classes), inputs)
         kwargs["params"] = params
         result = train(model, train_data, val_data, spec.training, **kwargs)
