@@ -186,3 +186,39 @@ def test_unlabelled_and_dataloader(cohort):
     assert [b.core_id for b in bags] == ["a", "b", "c"]
     assert all(b.label == -1 and b.tiles.shape[1:] == (3, 8, 8) for b in bags)
     assert torch.equal(bags[1].coords, ds[1].coords)
+
+
+def test_stain_jitter_is_exact_at_zero_and_changes_stain_amounts():
+    from skimage.color import hed2rgb, rgb2hed
+
+    from her2_kedro.modelling.bags import random_stain_jitter
+
+    rng = np.random.default_rng(0)
+    # stain mixtures (positive H, E, DAB amounts that stay positive under the largest shift)
+    rgb = hed2rgb(rng.uniform(0.06, 0.12, (4, 8, 8, 3))).astype(np.float32)
+    tiles = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
+    assert random_stain_jitter(tiles, rng, 0.0) is tiles
+    # the round trip through H, E, DAB is exact when nothing is scaled or shifted
+    tiny = random_stain_jitter(tiles, np.random.default_rng(1), 1e-7)
+    assert torch.allclose(tiny, tiles, atol=1e-4)
+    out = random_stain_jitter(tiles, np.random.default_rng(1), 0.05)
+    again = random_stain_jitter(tiles, np.random.default_rng(1), 0.05)
+    assert torch.equal(out, again) and out.shape == tiles.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # each tile's DAB changes by one affine map: the fit of after on before is (near) exact
+    before = rgb2hed(rgb[0])[..., 2].ravel()
+    after = rgb2hed(out[0].permute(1, 2, 0).numpy())[..., 2].ravel()
+    slope, intercept = np.polyfit(before, after, 1)
+    assert abs(slope - 1) <= 0.05 + 1e-3 and abs(intercept) <= 0.05 + 1e-3
+    assert not np.allclose(after, before, atol=1e-3)
+    assert np.allclose(after, slope * before + intercept, atol=2e-3)
+
+
+def test_stain_jitter_only_in_training(cohort):
+    config = BagConfig(input_size=None, flips=False, stain_jitter=0.1)
+    rgb = cohort["a.png"]
+    for train in (False, True):
+        bag = make_dataset(cohort, config=config, train=train, seed=3)[0]
+        raw = [as_tensor(read_tile(rgb, x, y, TILE)) for x, y in bag.coords.tolist()]
+        same = all(torch.equal(t, r) for t, r in zip(bag.tiles, raw, strict=True))
+        assert same != train

@@ -25,7 +25,8 @@ class BagConfig(Strict):
     ``random_offset`` / ``flips``: the paper's training augmentation (random tile-grid offset in
     [0, tile_size), random horizontal and vertical flips per tile); never applied at evaluation.
     ``cores_per_batch``: for tile-classifier training (input ``tile_batches``), the cores whose
-    tiles make one batch.
+    tiles make one batch. ``stain_jitter``: sigma of a random per-tile scale and shift of the H, E
+    and DAB concentrations in training (0: off, the paper; about 0.05 in Tellez et al. 2018).
     """
 
     input_size: int | None = Field(64, ge=8)
@@ -34,6 +35,7 @@ class BagConfig(Strict):
     random_offset: bool = True
     flips: bool = True
     cores_per_batch: int = Field(8, ge=1)
+    stain_jitter: float = Field(0.0, ge=0.0, le=0.5)
 
 
 class TrainingConfig(Strict):

@@ -9,7 +9,9 @@ filter) and discarded, so one decoded core is held at a time.
 Evaluation bags are the tile index of the core (offset (0, 0), no flips, every kept tile unless
 ``eval_max_tiles`` is set). Training bags follow the authors' code: a random tile-grid offset in
 [0, tile_size) on x and y per core and epoch, the tiles kept by the same tissue rule under that
-offset, and random horizontal / vertical flips per tile. Tiles are scaled to [0, 1] with no mean/std
+offset, and random horizontal / vertical flips per tile; optionally (``stain_jitter``, off by default,
+beyond the paper) each training tile's haematoxylin, eosin and DAB are scaled and shifted at random
+in optical density (Tellez et al. 2018), so a model leans less on one lab's stain. Tiles are scaled to [0, 1] with no mean/std
 normalisation (the authors used ``ToTensor`` only) and resized to ``input_size`` with torch's
 bilinear ``F.interpolate(antialias=True)``.
 
@@ -27,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 from torch.utils.data import Dataset
 
 from her2_kedro.config.mil import BagConfig
@@ -41,6 +44,7 @@ __all__ = [
     "bag_tiles",
     "cap_tiles",
     "random_flips",
+    "random_stain_jitter",
     "tiles_to_tensor",
 ]
 
@@ -122,6 +126,30 @@ def tiles_to_tensor(
             ).clamp_(0.0, 1.0)
         out[start : start + len(chunk)] = batch
     return out
+
+
+#: scikit-image's colour deconvolution matrices (rows: H, E, DAB optical density vectors).
+_HED_FROM_RGB = torch.from_numpy(np.asarray(hed_from_rgb, dtype=np.float32))
+_RGB_FROM_HED = torch.from_numpy(np.asarray(rgb_from_hed, dtype=np.float32))
+_LOG_FLOOR = float(np.log(1e-6))  # scikit-image's rgb2hed unit: ln(I) / ln(1e-6)
+
+
+def random_stain_jitter(
+    tiles: torch.Tensor, rng: np.random.Generator, sigma: float
+) -> torch.Tensor:
+    """Each tile's H, E and DAB concentrations (scikit-image ``rgb2hed`` units) scaled by
+    ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``, per tile and stain, then
+    recomposed to RGB in [0, 1]. ``sigma = 0`` returns the tiles unchanged."""
+    if sigma <= 0 or len(tiles) == 0:
+        return tiles
+    n = len(tiles)
+    scale = torch.from_numpy(1.0 + rng.uniform(-sigma, sigma, (n, 1, 1, 3)).astype(np.float32))
+    shift = torch.from_numpy(rng.uniform(-sigma, sigma, (n, 1, 1, 3)).astype(np.float32))
+    rgb = tiles.permute(0, 2, 3, 1).clamp(min=1e-6)
+    hed = (torch.log(rgb) / _LOG_FLOOR) @ _HED_FROM_RGB
+    hed = hed * scale + shift  # unclamped, so that scale 1 and shift 0 give the tile back exactly
+    out = torch.exp((hed * _LOG_FLOOR) @ _RGB_FROM_HED).clamp(0.0, 1.0)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def random_flips(tiles: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -215,4 +243,6 @@ class BagDataset(Dataset):
         del rgb  # one decoded core at a time
         if self.train and self.config.flips:
             tiles = random_flips(tiles, rng)
+        if self.train and self.config.stain_jitter > 0:
+            tiles = random_stain_jitter(tiles, rng, self.config.stain_jitter)
         return Bag(tiles, torch.from_numpy(coords), self.labels[index], core_id)
