@@ -113,9 +113,8 @@ def train_encoder(
         extras={
             "fingerprint": fingerprint,
             "history": history.to_dict("list"),
-            "encoder": config.model_dump(
-                mode="json", exclude=set(config.INFERENCE_ONLY)
-            ),  # its input size, for new cores
+            # the encoder's settings (its input size, for new cores)
+            "encoder": config.model_dump(mode="json", exclude=set(config.INFERENCE_ONLY)),
             "tiles": dict(tiles),
         },
     )
