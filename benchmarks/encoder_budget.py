@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from her2_kedro.modelling.batch_norm import recompute_batch_norm  # noqa: E402
 from her2_kedro.modelling.encoders import build_encoder  # noqa: E402
-from her2_kedro.schema import FIVE_CLASSES  # noqa: E402
+from her2_kedro.schema import FIVE_CLASSES, SCORE_OF_CLASS, STATUS_OF_CLASS  # noqa: E402
 
-SCORE_OF = np.array([0, 1, 2, 2, 3])  # five-class index -> IHC score
-STATUS_OF = np.array([0, 0, 0, 1, 1])  # five-class index -> HER2 status
+SCORE_OF = np.array([SCORE_OF_CLASS[c] for c in FIVE_CLASSES])  # five-class index -> IHC score
+STATUS_OF = np.array([STATUS_OF_CLASS[c] for c in FIVE_CLASSES])  # five-class index -> status
 
 
 def load_cores(data: Path, size: int) -> tuple[pd.DataFrame, dict[str, torch.Tensor], int]:

@@ -37,7 +37,7 @@ class EncoderConfig(Strict):
     or removed cores'); inference-only settings do not change which encoder is trained.
     """
 
-    name: str = "resnet18"  # learns most per CPU minute (benchmarks/encoder_comparison.py)
+    name: str = "resnet18"  # learns most per CPU minute (benchmarks/encoder_budget.py)
     weights: str | None = None
     train: bool = True
     method: Literal["tile_classifier", "mil"] = "tile_classifier"

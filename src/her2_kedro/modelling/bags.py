@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 from torch.utils.data import Dataset
 
 from her2_kedro.config.mil import BagConfig
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.features.preprocess import decode_rgb
+from her2_kedro.imaging.stain import separation_matrix, stain_matrix
 from her2_kedro.imaging.tiling import PAPER_RULE, as_rule, read_tile, tile_index
 
 __all__ = [
@@ -128,9 +128,10 @@ def tiles_to_tensor(
     return out
 
 
-#: scikit-image's colour deconvolution matrices (rows: H, E, DAB optical density vectors).
-_HED_FROM_RGB = torch.from_numpy(np.asarray(hed_from_rgb, dtype=np.float32))
-_RGB_FROM_HED = torch.from_numpy(np.asarray(rgb_from_hed, dtype=np.float32))
+#: The project's default H, E, DAB colour deconvolution (scikit-image's matrices): row-vector
+#: concentrations ``od @ _HED_FROM_RGB`` and back ``hed @ _RGB_FROM_HED``.
+_HED_FROM_RGB = torch.from_numpy(separation_matrix().astype(np.float32))
+_RGB_FROM_HED = torch.from_numpy(stain_matrix().T.astype(np.float32))
 _LOG_FLOOR = float(np.log(1e-6))  # scikit-image's rgb2hed unit: ln(I) / ln(1e-6)
 
 
