@@ -24,12 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from her2_kedro.config import TileConfig, TorchModelConfig  # noqa: E402
+from her2_kedro.evaluation.study import TASKS  # noqa: E402
 from her2_kedro.features.preprocess import decode_rgb  # noqa: E402
 from her2_kedro.imaging.normalisation import cohort_normaliser  # noqa: E402
 from her2_kedro.imaging.pixels import encode_png  # noqa: E402
 from her2_kedro.modelling.checkpoints import load_checkpoint, read_checkpoint  # noqa: E402
 from her2_kedro.modelling.embeddings import embed_core  # noqa: E402
-from her2_kedro.modelling.torch_study import ModelInputs, make_dataset, predict  # noqa: E402
+from her2_kedro.modelling.torch_study import (  # noqa: E402
+    ModelInputs,
+    make_dataset,
+    predict,
+    task_probabilities,
+)
 from her2_kedro.schema import SCORE_OF_CLASS  # noqa: E402
 
 REAL_CORES = ROOT.parent / "shared" / "data" / "real_cores"
@@ -109,7 +115,7 @@ def score(models: Path, rows, loaders, rule) -> pd.DataFrame:
         probs, _ = predict(model, dataset, progress=False)
         task = payload["meta"]["task"]
         column = f"{spec.name}.{task}"
-        p = probs.set_index("core_id").loc[rows["core_id"]].to_numpy()
+        p = task_probabilities(probs.set_index("core_id").loc[rows["core_id"]], spec, TASKS[task])
         calls[column] = p.argmax(axis=1)
     return calls
 

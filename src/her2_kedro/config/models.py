@@ -80,7 +80,9 @@ class TorchModelConfig(Strict):
     ``core_classifier``) built with ``params`` plus the task's ``n_classes``. ``encoder`` /
     ``encoder_weights``: the trunk of ``tiles`` and ``core_image`` models; ``encoder_weights:
     trained`` starts from the features pipeline's trained backbone (``encoder`` left out: that
-    backbone's trunk), ``None`` from random weights (the paper).
+    backbone's trunk), ``None`` from random weights (the paper). ``labels``: train on the task's
+    own classes (``task``, the paper) or on the five classes 0, 1, 2-, 2+, 3 (``five_class``),
+    whose probabilities are summed into the task's classes for selection and scoring.
     """
 
     name: str
@@ -89,6 +91,7 @@ class TorchModelConfig(Strict):
     params: dict[str, Any] = {}
     encoder: str | None = None  # None: the trained backbone's trunk, else resnet34
     encoder_weights: str | None = None
+    labels: Literal["task", "five_class"] = "task"
     bag: BagConfig = BagConfig()
     image: ImageConfig = ImageConfig()
     training: TrainingConfig = TrainingConfig()

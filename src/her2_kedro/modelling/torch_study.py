@@ -33,7 +33,7 @@ from her2_kedro.modelling.reproducibility import seed_everything
 from her2_kedro.modelling.sampling import FiveClassSampler
 from her2_kedro.modelling.tile_batches import TileBatchDataset
 from her2_kedro.modelling.training import EpochCallback, TrainingResult, train
-from her2_kedro.schema import FIVE_CLASSES, QCProblem
+from her2_kedro.schema import FIVE_CLASSES, SCORE_OF_CLASS, STATUS_OF_CLASS, QCProblem
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,43 @@ __all__ = [
     "ModelInputs",
     "bag_table",
     "build_model",
+    "class_map",
     "fit",
     "make_dataset",
+    "output_names",
     "predict",
+    "task_probabilities",
 ]
 
 #: The encoder's default target: the five classes 0, 1, 2-, 2+, 3 (column ``five_class_index``).
 FIVE_CLASS_TASK = Task("five_class", "five_class_index", tuple(range(len(FIVE_CLASSES))))
+#: The task class of each of the five classes, per task target.
+_CLASS_OF_FIVE = {"ihc_score": SCORE_OF_CLASS, "her2_status": STATUS_OF_CLASS}
+
+
+def class_map(spec: TorchModelConfig, task: Task) -> np.ndarray | None:
+    """The (5, n task classes) 0/1 matrix that sums a five-class model's probabilities into the
+    task's classes (``labels: five_class``); None for a model trained on the task's own classes."""
+    if spec.labels == "task" or task.target == FIVE_CLASS_TASK.target:
+        return None
+    task_class = _CLASS_OF_FIVE[task.target]
+    mapping = np.zeros((len(FIVE_CLASSES), len(task.classes)))
+    for i, name in enumerate(FIVE_CLASSES):
+        mapping[i, task.classes.index(task_class[name])] = 1.0
+    return mapping
+
+
+def output_names(spec: TorchModelConfig, task: Task) -> list[str]:
+    """Names of the model's outputs: the five classes, or the task's classes."""
+    if class_map(spec, task) is not None:
+        return list(FIVE_CLASSES)
+    return [str(c) for c in task.classes]
+
+
+def task_probabilities(proba: np.ndarray, spec: TorchModelConfig, task: Task) -> np.ndarray:
+    """A model's output probabilities as probabilities of the task's classes."""
+    mapping = class_map(spec, task)
+    return np.asarray(proba) if mapping is None else np.asarray(proba) @ mapping
 
 
 @dataclass
@@ -90,10 +120,11 @@ def bag_table(
         QCProblem("models", core_id, "no tissue tile: no bag, left out of the study")
         for core_id in table.loc[empty, "core_id"]
     ]
-    keep = ["core_id", "image", "split", "cohort", "five_class", "y", "n_tiles", task.target]
+    keep = ["core_id", "image", "split", "cohort", "five_class", "five_class_index", "y", "n_tiles"]
+    keep.append(task.target)
     keep += [c for c in ("patient_id", "content_hash") if c in table.columns]
     table = table.loc[~empty, list(dict.fromkeys(keep))].reset_index(drop=True)
-    table["y"] = table["y"].astype(int)
+    table[["y", "five_class_index"]] = table[["y", "five_class_index"]].astype(int)
     return table, problems
 
 
@@ -236,10 +267,13 @@ def fit(
         )
         spec, val_rows = _without_validation(spec), train_rows
     seed = spec.training.seed
+    mapping = class_map(spec, task)  # five-class training: selection on the task's classes
+    label = "y" if mapping is None else "five_class_index"
+    n_outputs = len(output_names(spec, task))
     seed_everything(seed)  # the new layers' initial weights must not depend on earlier work
-    model, params = build_model(spec, len(task.classes), inputs)
-    train_data = make_dataset(spec, train_rows, "y", inputs, train=True, seed=seed)
-    val_data = make_dataset(spec, val_rows, "y", inputs, train=False, seed=seed)
+    model, params = build_model(spec, n_outputs, inputs)
+    train_data = make_dataset(spec, train_rows, label, inputs, train=True, seed=seed)
+    val_data = make_dataset(spec, val_rows, label, inputs, train=False, seed=seed)
     sampler = None
     if spec.input in ("tiles", "embeddings"):  # the batch datasets draw their own balanced groups
         sampler = FiveClassSampler(train_rows["five_class"].tolist(), seed=seed)
@@ -251,6 +285,7 @@ def fit(
         arch=spec.arch,
         params=params,
         progress=progress,
+        class_map=mapping,
     )
     try:
         result = train(model, train_data, val_data, spec.training, resume_from=resume, **kwargs)
@@ -259,7 +294,7 @@ def fit(
             raise
         logger.warning("%s / %s: not resuming (%s); training afresh", spec.name, task.name, err)
         seed_everything(seed)
-        model, params = build_model(spec, len(task.classes), inputs)
+        model, params = build_model(spec, n_outputs, inputs)
         kwargs["params"] = params
         result = train(model, train_data, val_data, spec.training, **kwargs)
     return model, result, params

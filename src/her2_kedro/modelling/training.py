@@ -172,9 +172,15 @@ def evaluate(
     *,
     bf16: bool = True,
     num_workers: int = 0,
+    class_map: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` on labelled bags: mean ``loss`` and
-    :func:`~her2_kedro.evaluation.metrics.classification_metrics` (balanced accuracy, ...)."""
+    :func:`~her2_kedro.evaluation.metrics.classification_metrics` (balanced accuracy, ...).
+
+    With ``class_map`` (outputs x classes, 0/1) the loss stays that of the model's own outputs,
+    while the metrics score its probabilities summed into the mapped classes against the mapped
+    labels (a five-class model judged on IHC score or HER2 status).
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     y_true, probs, losses = [], [], []
@@ -188,6 +194,9 @@ def evaluate(
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())
             y_true.extend(target.tolist())
     score = np.concatenate(probs)
+    if class_map is not None:
+        y_true = class_map[np.asarray(y_true)].argmax(1).tolist()
+        score = score @ class_map
     metrics = classification_metrics(
         y_true, score.argmax(1), score, labels=list(range(score.shape[1]))
     )
@@ -296,6 +305,7 @@ def _run_epoch(
     config: TrainingConfig,
     device: torch.device,
     progress: bool,
+    class_map: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Train one epoch on the training bags, then score the validation bags; the epoch's metrics."""
     _set_epoch(epoch, sampler, train_data, val_data)
@@ -307,7 +317,14 @@ def _run_epoch(
     if config.precise_bn_batches:
         items = (train_data[i] for i in list(order)[: config.precise_bn_batches])
         recompute_batch_norm(model, items, lambda m, item: _bag_loss(m, item, device, config.bf16))
-    val = evaluate(model, val_data, device, bf16=config.bf16, num_workers=config.num_workers)
+    val = evaluate(
+        model,
+        val_data,
+        device,
+        bf16=config.bf16,
+        num_workers=config.num_workers,
+        class_map=class_map,
+    )
     return {
         "epoch": float(epoch),
         "train_loss": train_loss,
@@ -329,6 +346,7 @@ def train(
     arch: str | None = None,
     params: Mapping[str, Any] | None = None,
     progress: bool = True,
+    class_map: np.ndarray | None = None,
 ) -> TrainingResult:
     """Train ``model`` on ``train_data``, select on ``val_data``; see the module docstring.
 
@@ -336,7 +354,8 @@ def train(
     orders training items (e.g. :class:`~her2_kedro.modelling.sampling.FiveClassSampler`).
     ``checkpoint_path`` receives a resume checkpoint after each epoch (``arch`` / ``params`` make it
     loadable by :func:`~her2_kedro.modelling.checkpoints.load_checkpoint` as the last weights);
-    ``resume_from`` continues such a run. The model is left holding the selected weights.
+    ``resume_from`` continues such a run. ``class_map`` judges validation on mapped classes
+    (see :func:`evaluate`). The model is left holding the selected weights.
     """
     config = config or TrainingConfig()
     if len(val_data) == 0:
@@ -359,7 +378,16 @@ def train(
     while state.next_epoch < config.max_epochs and not state.stopped_early:
         epoch = state.next_epoch
         metrics = _run_epoch(
-            epoch, model, train_data, val_data, sampler, optimizer, config, device, progress
+            epoch,
+            model,
+            train_data,
+            val_data,
+            sampler,
+            optimizer,
+            config,
+            device,
+            progress,
+            class_map,
         )
         scheduler.step(metrics["val_balanced_accuracy"])
         _record_epoch(

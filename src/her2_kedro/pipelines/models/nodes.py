@@ -110,7 +110,7 @@ def train_model(
     resumes from the resume checkpoint in ``workdir``.
     """
     from her2_kedro.modelling.checkpoints import save_checkpoint
-    from her2_kedro.modelling.torch_study import fit
+    from her2_kedro.modelling.torch_study import fit, output_names
 
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
@@ -128,7 +128,7 @@ def train_model(
         fitted,
         spec.arch,
         params,
-        class_names=[str(c) for c in t.classes],
+        class_names=output_names(spec, t),
         task=t.name,
         training=spec.training.model_dump(mode="json"),
         epoch=result.selected_epoch,
@@ -160,19 +160,25 @@ def evaluate_model(
     tile's attention, report tables and figures, and the final metrics for MLflow."""
     from her2_kedro.evaluation import study
     from her2_kedro.modelling.checkpoints import load_checkpoint
-    from her2_kedro.modelling.torch_study import make_dataset, predict
+    from her2_kedro.modelling.torch_study import (
+        make_dataset,
+        output_names,
+        predict,
+        task_probabilities,
+    )
 
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
     inputs = _inputs(spec, tiles, cohorts, **sources)
+    n_outputs = len(output_names(spec, t))
     loaded = load_checkpoint(
-        checkpoint, expected_arch=spec.arch, expected={"n_classes": len(t.classes), "task": t.name}
+        checkpoint, expected_arch=spec.arch, expected={"n_classes": n_outputs, "task": t.name}
     )
     dataset = make_dataset(spec, table, "y", inputs, train=False, seed=spec.training.seed)
     scores, attention = predict(
         loaded.model, dataset, device=spec.training.device, bf16=spec.training.bf16
     )
-    proba = scores.set_index("core_id").loc[table["core_id"]].to_numpy()
+    proba = task_probabilities(scores.set_index("core_id").loc[table["core_id"]], spec, t)
     provenance = {"run_id": run_id(), "manifest_version": table_version(table)}
     predictions, metrics, confusions = study.evaluate_probabilities(
         table, proba, t, spec.name, provenance=provenance
