@@ -47,6 +47,7 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = tmp_path / "data"
+    model_params["mil_study"]["models"]["mil_cached"]["labels"] = "five_class"
     _run("synthetic", catalog_config, model_params)
     with mlflow.start_run() as run:
         _run("mil", catalog_config, model_params)
@@ -92,6 +93,15 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
         data / "06_models" / "mil.ihc_score.pt", expected={"n_classes": 4, "task": "ihc_score"}
     )
     assert checkpoint.meta["arch"] == "attention_mil"
+    # trained on the five classes, scored on the task's two
+    five = load_checkpoint(
+        data / "06_models" / "mil_cached.her2_status.pt",
+        expected={"n_classes": 5, "task": "her2_status"},
+    )
+    assert five.meta["class_names"] == ["0", "1", "2-", "2+", "3"]
+    cached = predictions.query("model == 'mil_cached' and task == 'her2_status'")
+    assert np.allclose(cached[["p_0", "p_1"]].sum(axis=1), 1.0, atol=1e-5)
+    assert "p_2" not in cached.dropna(axis=1, how="all").columns
     history = pd.read_csv(data / "06_models" / "mil_cached.her2_status.history.csv")
     assert len(history) == 2 and {"train_loss", "val_balanced_accuracy"} <= set(history.columns)
     client = mlflow.tracking.MlflowClient()

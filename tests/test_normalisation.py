@@ -172,3 +172,22 @@ def test_identity_normalisation_keeps_image() -> None:
     v = estimate_stain_vectors(img)
     out = normalise(img, v, v, match_haematoxylin=False)
     assert np.array_equal(out, img)  # deconvolve + reconvolve with the same vectors is exact
+
+
+def test_dab_scale_multiplies_the_dab_amount_only() -> None:
+    from her2_kedro.imaging.normalisation import cohort_dab_scale
+    from her2_kedro.imaging.stain_vectors import concentration_percentiles, sda_of_pixels
+
+    img = render(INTERNAL_H, INTERNAL_D, shape=(64, 64), seed=3)
+    v = estimate_stain_vectors(img)
+    mask = foreground_mask(img)
+    doubled = normalise(img, v, v, match_haematoxylin=False, dab_scale=2.0)
+    h0, d0 = concentration_percentiles(sda_of_pixels(img[mask]), v.matrix(), 50.0)
+    h1, d1 = concentration_percentiles(sda_of_pixels(doubled[mask]), v.matrix(), 50.0)
+    assert d1 / d0 == pytest.approx(2.0, rel=0.1) and h1 / h0 == pytest.approx(1.0, rel=0.05)
+
+    source = StainVectors(v.haematoxylin, v.dab, max_concentrations=(40.0, 60.0))
+    target = StainVectors(v.haematoxylin, v.dab, max_concentrations=(40.0, 90.0))
+    assert cohort_dab_scale(source, target) == pytest.approx(1.5)
+    assert cohort_dab_scale(StainVectors(v.haematoxylin, v.dab), target) == 1.0
+    assert cohort_dab_scale(None, target) == 1.0

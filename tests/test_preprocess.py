@@ -225,3 +225,51 @@ def test_stain_matrix_option_changes_the_dab_definition(cohort):
     a, b = default["max_mean_dab"], _features(htk)["max_mean_dab"]
     assert not np.allclose(a, b)
     assert a.loc["c0"] > a.loc["c1"] and b.loc["c0"] > b.loc["c1"]  # score 3 above 0 either way
+
+
+def test_cohort_dab_scaling_restores_a_faded_chromogen_for_the_whole_cohort():
+    """The external centre's chromogen is faded (``EXTERNAL_STAINS.dab_scale`` 0.6). Five tissues
+    rendered by both centres: with ``dab_scaling: cohort`` one factor from the pooled 99th
+    percentiles (about 1 / 0.6) brings the stained external twins' DAB near the internal ones';
+    without it the fade stays. Models normalise the same way (``cohort_normaliser`` reads the
+    factor from the reference record)."""
+    from her2_kedro.imaging.normalisation import cohort_normaliser, normalise
+    from her2_kedro.imaging.stain_vectors import StainVectors
+
+    rows, cores = [], {}
+    for i, score in enumerate((3, 2, 1, 0, 3)):
+        for external in (False, True):
+            name = f"t{i}{'e' if external else 'i'}"
+            rgb = render_core(_spec(score, external), np.random.default_rng(500 + i))
+            cores[f"{name}.png"] = partial(bytes, _png(rgb))
+            rows.append(
+                {
+                    "core_id": name,
+                    "image": f"{name}.png",
+                    "split": "train",
+                    "cohort": "external" if external else "internal",
+                    "content_hash": content_hash(rgb),
+                }
+            )
+    study = pd.DataFrame(rows)
+    plain = preprocess.preprocess_cores(study, cores, RULE, _params(), ["external"])
+    settings = PreprocessingParams().stain_normalisation.model_dump() | {"dab_scaling": "cohort"}
+    params = _params(stain_normalisation=settings)
+    scaled = preprocess.preprocess_cores(study, cores, RULE, params, ["external"])
+    assert "dab_scale" not in plain.reference["sources"]["external"]
+    factor = scaled.reference["sources"]["external"]["dab_scale"]
+    assert 1.3 < factor < 1.9, factor
+    before, after = _features(plain), _features(scaled)
+    for feature in ("max_mean_dab", "dab_mean"):
+        internal = before.loc[["t0i", "t1i", "t4i"], feature].to_numpy()  # the stained tissues
+        gap_before = np.abs(before.loc[["t0e", "t1e", "t4e"], feature].to_numpy() - internal)
+        gap_after = np.abs(after.loc[["t0e", "t1e", "t4e"], feature].to_numpy() - internal)
+        assert gap_after.sum() < 0.5 * gap_before.sum(), (feature, gap_before, gap_after)
+    assert after.loc["t0i", "dab_mean"] == before.loc["t0i", "dab_mean"]  # internal untouched
+
+    transform = cohort_normaliser(scaled.reference, ["external"], RULE.background_grey)
+    rgb = np.asarray(Image.open(io.BytesIO(cores["t0e.png"]())).convert("RGB"))
+    source = StainVectors.from_dict(scaled.reference["sources"]["external"]["vectors"])
+    target_vectors = StainVectors.from_dict(scaled.reference["vectors"])
+    expected = normalise(rgb, source, target_vectors, RULE.background_grey, dab_scale=factor)
+    assert np.array_equal(transform({"cohort": "external"}, rgb), expected)

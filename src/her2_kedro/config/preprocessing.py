@@ -26,13 +26,20 @@ class ThresholdConfig(Strict):
 class StainNormalisationConfig(Strict):
     """Macenko reference from training tiles, applied to the ``cohorts.stain_normalised`` cohorts.
 
-    Nothing here runs unless the manifest holds a core of a normalised cohort.
+    Nothing here runs unless the manifest holds a core of a normalised cohort. ``dab_scaling``:
+    ``none`` keeps each core's DAB amount (it is the HER2 signal); ``cohort`` multiplies the DAB
+    amount of every core of a normalised cohort by one factor, the reference's pooled DAB 99th
+    percentile over the cohort's (both from the sampled tiles), which corrects a centre's weaker or
+    stronger chromogen while keeping the order of its cores. It assumes the cohort's score mix is
+    not far from the training cores'. Per-image DAB matching is never done: it would make a faint
+    1+ core look 3+.
     """
 
     reference_splits: list[Literal["train", "val", "test"]] = ["train"]
     max_reference_cores: int = Field(40, ge=1)
     tiles_per_core: int = Field(8, ge=1)
     preview_tiles: int = Field(6, ge=0)
+    dab_scaling: Literal["none", "cohort"] = "none"
     seed: int = 0
 
 

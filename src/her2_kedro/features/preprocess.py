@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from her2_kedro.config.preprocessing import PreprocessingParams, StainNormalisationConfig
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.features.intensity import core_features
-from her2_kedro.imaging.normalisation import normalise
+from her2_kedro.imaging.normalisation import cohort_dab_scale, normalise
 from her2_kedro.imaging.pixels import content_hash
 from her2_kedro.imaging.stain import dab_channel, stain_matrix
 from her2_kedro.imaging.stain_vectors import (
@@ -132,6 +132,7 @@ class _Job:
     sample_tiles: int = 0
     source: StainVectors | None = None
     target: StainVectors | None = None
+    dab_scale: float = 1.0
     preview: bool = False
 
 
@@ -169,7 +170,13 @@ class _Runner:
         normalised = False
         if job.target is not None:
             try:
-                after = normalise(rgb, job.source, job.target, self.rule.background_grey)
+                after = normalise(
+                    rgb,
+                    job.source,
+                    job.target,
+                    self.rule.background_grey,
+                    dab_scale=job.dab_scale,
+                )
             except StainEstimationError as err:
                 out.problems.append(_problem(row, f"stain normalisation skipped: {err}"))
             else:
@@ -248,8 +255,14 @@ def preprocess_cores(
         ref["sources"] = {}
         sources = _cohort_sources(normed, runner, reference, rule, s, ref["sources"])
         previews = set(normed["core_id"].iloc[: s.preview_tiles]) if reference else set()
+        scales = {c: float(entry.get("dab_scale", 1.0)) for c, entry in ref["sources"].items()}
         jobs = [
-            _Job(source=sources.get(c), target=reference, preview=i in previews)
+            _Job(
+                source=sources.get(c),
+                target=reference,
+                dab_scale=scales.get(c, 1.0),
+                preview=i in previews,
+            )
             for c, i in zip(normed["cohort"], normed["core_id"], strict=True)
         ]
         done = runner.run(normed, jobs, "normalising and measuring cores")
@@ -276,7 +289,8 @@ def preprocess_cores(
 
 
 def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, StainVectors]:
-    """Each marked cohort's own stain vectors, pooled over its cores (per-core when that fails)."""
+    """Each marked cohort's own stain vectors, pooled over its cores (per-core when that fails),
+    and, with ``dab_scaling: cohort``, its DAB factor in ``record[cohort]["dab_scale"]``."""
     sources: dict[str, StainVectors] = {}
     if reference is None:
         return sources
@@ -293,6 +307,14 @@ def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, Sta
             )
         except StainEstimationError as err:
             logger.warning("Cohort %s: %s; each core's own stain vectors are used.", cohort, err)
+            continue
+        if s.dab_scaling == "cohort":
+            entry["dab_scale"] = cohort_dab_scale(sources[cohort], reference)
+            logger.info(
+                "Cohort %s: DAB amounts x %.3f (pooled 99th percentiles)",
+                cohort,
+                entry["dab_scale"],
+            )
     return sources
 
 

@@ -23,7 +23,7 @@ from her2_kedro.imaging.stain_vectors import (
     sda_of_pixels,
 )
 
-__all__ = ["cohort_normaliser", "normalisation_matrix", "normalise"]
+__all__ = ["cohort_dab_scale", "cohort_normaliser", "normalisation_matrix", "normalise"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def normalise(
     *,
     match_haematoxylin: bool = True,
     match_dab: bool = False,
+    dab_scale: float = 1.0,
     method: str = "fast",
     chunk_rows: int = 512,
     max_percentile_pixels: int = 500_000,
@@ -93,6 +94,8 @@ def normalise(
     ``target.max_concentrations`` is known, the haematoxylin (and, only if ``match_dab``) DAB
     concentration percentile is scaled to the target's. DAB matching is off by default: DAB
     intensity *is* the HER2 signal, and per-image scaling would make a faint 1+ core look 3+.
+    ``dab_scale`` multiplies the DAB concentration by a fixed factor (a whole cohort's
+    calibration, see :func:`cohort_dab_scale`).
     ``method="histomicstk"`` runs HistomicsTK's ``color_deconvolution``/``color_convolution``
     (float64, truncates to uint8); ``"fast"`` (default) evaluates the same linear map in SDA space
     with look-up tables in float32 and rounds -- results agree to within one grey level.
@@ -115,6 +118,7 @@ def normalise(
     scale = _stain_scale(
         rgb[mask], w_src, target, match_haematoxylin, match_dab, max_percentile_pixels, seed
     )
+    scale[2] *= float(dab_scale)
 
     if method == "fast":
         m = normalisation_matrix(source, target, scale)
@@ -148,6 +152,19 @@ def normalise(
     return out
 
 
+def cohort_dab_scale(source: StainVectors | None, target: StainVectors | None) -> float:
+    """One DAB factor for a whole cohort: the target's pooled DAB percentile over the source's.
+
+    1.0 where either lacks pooled concentrations (or the source has no DAB to speak of).
+    """
+    if source is None or target is None:
+        return 1.0
+    if source.max_concentrations is None or target.max_concentrations is None:
+        return 1.0
+    source_dab, target_dab = source.max_concentrations[1], target.max_concentrations[1]
+    return float(target_dab / source_dab) if source_dab > 1e-6 else 1.0
+
+
 def cohort_normaliser(
     reference: Mapping[str, Any] | None,
     cohorts: Iterable[str],
@@ -157,26 +174,29 @@ def cohort_normaliser(
 
     ``reference`` is preprocessing's ``reference_stains`` record: the training reference
     (``vectors``) and each normalised cohort's pooled source vectors (``sources``; a cohort
-    without them is deconvolved with each core's own estimate). Rows of other cohorts, and every
-    row when there is no reference, pass through unchanged, so models see the pixels the
-    intensity features were measured on.
+    without them is deconvolved with each core's own estimate) and DAB factor (``dab_scale``,
+    1 when absent). Rows of other cohorts, and every row when there is no reference, pass through
+    unchanged, so models see the pixels the intensity features were measured on.
     """
     cohorts = set(cohorts)
     if not cohorts or not reference or not reference.get("vectors"):
         return None
     target = StainVectors.from_dict(reference["vectors"])
+    entries = (reference.get("sources") or {}).items()
     sources = {
         cohort: StainVectors.from_dict(entry["vectors"])
-        for cohort, entry in (reference.get("sources") or {}).items()
+        for cohort, entry in entries
         if entry.get("vectors")
     }
+    dab_scales = {cohort: float(entry.get("dab_scale", 1.0)) for cohort, entry in entries}
 
     def transform(row: Mapping[str, Any], rgb: np.ndarray) -> np.ndarray:
         cohort = row.get("cohort")
         if cohort not in cohorts:
             return rgb
         try:
-            return normalise(rgb, sources.get(cohort), target, background_grey)
+            scale = dab_scales.get(cohort, 1.0)
+            return normalise(rgb, sources.get(cohort), target, background_grey, dab_scale=scale)
         except StainEstimationError as err:  # preprocessing reported the same core unnormalised
             logger.warning("Core %s left unnormalised: %s", row.get("core_id"), err)
             return rgb
