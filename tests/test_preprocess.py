@@ -273,3 +273,12 @@ def test_cohort_dab_scaling_restores_a_faded_chromogen_for_the_whole_cohort():
     target_vectors = StainVectors.from_dict(scaled.reference["vectors"])
     expected = normalise(rgb, source, target_vectors, RULE.background_grey, dab_scale=factor)
     assert np.array_equal(transform({"cohort": "external"}, rgb), expected)
+
+
+def test_an_implausible_cohort_dab_factor_is_bounded_with_a_warning(monkeypatch, caplog):
+    settings = PreprocessingParams().stain_normalisation.model_copy(update={"max_dab_scale": 2.0})
+    for factor, expected in ((5.0, 2.0), (0.1, 0.5), (1.4, 1.4)):
+        monkeypatch.setattr(preprocess, "cohort_dab_scale", lambda *_, f=factor: f)
+        caplog.clear()
+        assert preprocess._bounded_dab_scale(None, None, "far", settings) == expected
+        assert ("limited to" in caplog.text) == (factor != expected)

@@ -31,8 +31,9 @@ class StainNormalisationConfig(Strict):
     amount of every core of a normalised cohort by one factor, the reference's pooled DAB 99th
     percentile over the cohort's (both from the sampled tiles), which corrects a centre's weaker or
     stronger chromogen while keeping the order of its cores. It assumes the cohort's score mix is
-    not far from the training cores'. Per-image DAB matching is never done: it would make a faint
-    1+ core look 3+.
+    not far from the training cores'; a factor beyond ``max_dab_scale`` (or below its inverse)
+    says it is not, and is limited to that bound with a warning. Per-image DAB matching is never
+    done: it would make a faint 1+ core look 3+.
     """
 
     reference_splits: list[Literal["train", "val", "test"]] = ["train"]
@@ -40,6 +41,7 @@ class StainNormalisationConfig(Strict):
     tiles_per_core: int = Field(8, ge=1)
     preview_tiles: int = Field(6, ge=0)
     dab_scaling: Literal["none", "cohort"] = "none"
+    max_dab_scale: float = Field(2.0, ge=1.0)
     seed: int = 0
 
 

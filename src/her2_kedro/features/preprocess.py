@@ -309,13 +309,24 @@ def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, Sta
             logger.warning("Cohort %s: %s; each core's own stain vectors are used.", cohort, err)
             continue
         if s.dab_scaling == "cohort":
-            entry["dab_scale"] = cohort_dab_scale(sources[cohort], reference)
-            logger.info(
-                "Cohort %s: DAB amounts x %.3f (pooled 99th percentiles)",
-                cohort,
-                entry["dab_scale"],
-            )
+            entry["dab_scale"] = _bounded_dab_scale(sources[cohort], reference, cohort, s)
     return sources
+
+
+def _bounded_dab_scale(source, reference, cohort: str, s) -> float:
+    """The cohort's DAB factor, limited to [1 / max_dab_scale, max_dab_scale] with a warning."""
+    factor = cohort_dab_scale(source, reference)
+    bounded = float(np.clip(factor, 1.0 / s.max_dab_scale, s.max_dab_scale))
+    if bounded != factor:
+        logger.warning(
+            "Cohort %s: DAB factor %.2f limited to %.2f: its pooled DAB differs too much from the "
+            "reference's for one factor to be trusted (another score mix, or other stains?)",
+            cohort,
+            factor,
+            bounded,
+        )
+    logger.info("Cohort %s: DAB amounts x %.3f (pooled 99th percentiles)", cohort, bounded)
+    return bounded
 
 
 def _stop_if_changed(outcomes: Iterable[CoreOutcome], manifest_version: str) -> None:
