@@ -44,7 +44,7 @@ class EncoderConfig(Strict):
     target: Literal["five_class", "ihc_score", "her2_status"] = "five_class"
     bag: BagConfig = BagConfig(input_size=64, max_tiles=4, cores_per_batch=32)
     training: TrainingConfig = TrainingConfig(
-        max_epochs=30, plateau_patience=5, early_stopping_patience=10, precise_bn_batches=8
+        max_epochs=60, plateau_patience=5, early_stopping_patience=15, precise_bn_batches=8
     )
     hidden_dim: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
