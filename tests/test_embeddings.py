@@ -237,3 +237,22 @@ def test_fit_does_not_depend_on_what_ran_before_it():
         weights.append((model.classifier.weight.detach().clone(), result.history))
     assert torch.equal(weights[0][0], weights[1][0])
     assert weights[0][1] == weights[1][1]
+
+
+def test_embedding_settings_follow_the_normalised_cohorts_stain_reference():
+    """A normalised cohort's entries change with its source vectors and DAB factor; other
+    cohorts' do not (their pixels are not normalised)."""
+    from her2_kedro.config import TileConfig
+    from her2_kedro.config.models import EncoderConfig
+    from her2_kedro.pipelines.features.nodes import _embedding_settings
+
+    reference = {"vectors": {"h": 1}, "sources": {"external": {"vectors": {"h": 2}}}}
+    scaled = {**reference, "sources": {"external": {"vectors": {"h": 2}, "dab_scale": 1.5}}}
+    config, rule = EncoderConfig(), TileConfig()
+
+    def settings(cohort, ref):
+        return _embedding_settings(config, rule, cohort, ref, ["external"])
+
+    assert settings("external", reference) != settings("external", scaled)
+    assert "dab_scale" not in settings("external", reference)["stain_reference"]
+    assert settings("internal", reference) == settings("internal", scaled)

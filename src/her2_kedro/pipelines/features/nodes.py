@@ -182,10 +182,13 @@ def _embedding_settings(
     """What changes the pixels the encoder sees, beside the core and the encoder themselves."""
     settings = {"tiles": rule.model_dump(), "input_size": config.bag.input_size}
     if cohort in set(normalised) and reference:
+        source = (reference.get("sources") or {}).get(cohort, {})
         settings["stain_reference"] = {
             "vectors": reference.get("vectors"),
-            "source": (reference.get("sources") or {}).get(cohort, {}).get("vectors"),
+            "source": source.get("vectors"),
         }
+        if "dab_scale" in source:  # only then: entries made without a cohort factor stay valid
+            settings["stain_reference"]["dab_scale"] = source["dab_scale"]
     return settings
 
 
