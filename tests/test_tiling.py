@@ -115,10 +115,10 @@ def test_grey_boundary_matches_imaging() -> None:
     assert np.array_equal(fast, exact)
     ties = colours[0][weighted[near] == 2_200_000]
     assert len(ties) == 3 and fast[weighted[near] == 2_200_000].all()
-    # imaging.grey (float32) differs only on the one exact tie it rounds up to 220.00002.
+    # imaging.grey (float32) may round an exact tie up to 220.00002 (which ties, depends on the
+    # CPU's BLAS kernel), and nothing else.
     slow = foreground_mask(colours)[0]
-    differ = colours[0][fast != slow]
-    assert differ.tolist() in ([], [[180, 254, 150]])
+    assert (weighted[near][fast != slow] == 2_200_000).all()
     # Just above / at / below the boundary on a real-looking grey pixel.
     probe = np.array([[[221, 221, 221], [220, 220, 220], [219, 219, 219]]], dtype=np.uint8)
     assert foreground_mask_fast(probe)[0].tolist() == foreground_mask(probe)[0].tolist()
