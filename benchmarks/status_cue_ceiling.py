@@ -36,8 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from her2_kedro.config import CohortsConfig, SyntheticParams  # noqa: E402
 from her2_kedro.config.project import project_parameters  # noqa: E402
 from her2_kedro.pipelines.synthetic.nodes import sample_core_table  # noqa: E402
-
-FIVE = ["0", "1", "2-", "2+", "3"]
+from her2_kedro.schema import EXTERNAL_SPLIT, FIVE_CLASSES  # noqa: E402
 
 
 def cohort_truth(env: str, labels: pd.DataFrame) -> pd.DataFrame:
@@ -99,14 +98,14 @@ def main() -> None:
     manifest = latest_manifest(args.data)
     cohorts = CohortsConfig.model_validate(project_parameters(args.env, ROOT)["cohorts"])
     cores = manifest.merge(truth[["filename", "status_cue"]], on="filename", how="inner")
-    cores.loc[cores["cohort"].isin(cohorts.evaluation_only), "split"] = "external"
+    cores.loc[cores["cohort"].isin(cohorts.evaluation_only), "split"] = EXTERNAL_SPLIT
     cores["cue_agrees"] = cores["status_cue"] == (cores["her2_status"] == 1)
 
     print(f"env {args.env}: {len(cores)} accepted cores of {len(labels)} in labels.csv")
     print("\nshare of cores whose status cue agrees with their HER2 status (n in brackets):")
     agree = cores.groupby(["five_class", "split"])["cue_agrees"].agg(["mean", "size"])
     cells = agree.apply(lambda r: f"{r['mean']:.2f} ({int(r['size'])})", axis=1).unstack("split")
-    print(cells.reindex([c for c in FIVE if c in cells.index]).to_string())
+    print(cells.reindex([c for c in FIVE_CLASSES if c in cells.index]).to_string())
     print("\nceilings of any reader (cue read perfectly, score read perfectly):")
     print(ceilings(cores).round(3).to_string())
 

@@ -313,7 +313,9 @@ def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, Sta
     return sources
 
 
-def _bounded_dab_scale(source, reference, cohort: str, s) -> float:
+def _bounded_dab_scale(
+    source: StainVectors, reference: StainVectors, cohort: str, s: StainNormalisationConfig
+) -> float:
     """The cohort's DAB factor, limited to [1 / max_dab_scale, max_dab_scale] with a warning."""
     factor = cohort_dab_scale(source, reference)
     bounded = float(np.clip(factor, 1.0 / s.max_dab_scale, s.max_dab_scale))
