@@ -282,3 +282,35 @@ def test_an_implausible_cohort_dab_factor_is_bounded_with_a_warning(monkeypatch,
         caplog.clear()
         assert preprocess._bounded_dab_scale(None, None, "far", settings) == expected
         assert ("limited to" in caplog.text) == (factor != expected)
+
+
+def test_cohort_without_pooled_dab_percentile_is_left_unscaled_and_says_so(
+    cohort, monkeypatch, caplog
+):
+    """Where a cohort's pooled DAB vector fell back to Ruifrok's, no percentile was measured with
+    it: calibration is skipped with a warning and a note, and the cohort is still normalised."""
+    import dataclasses
+
+    manifest, cores = cohort
+    estimate = preprocess.estimate_reference
+    calls = []
+
+    def fallback_for_the_cohort(tiles, grey):
+        vectors, notes = estimate(tiles, grey)
+        calls.append(1)
+        if len(calls) == 2:  # the first call is the training reference, the second the cohort's
+            vectors = dataclasses.replace(vectors, max_concentrations=None)
+        return vectors, notes
+
+    monkeypatch.setattr(preprocess, "estimate_reference", fallback_for_the_cohort)
+    settings = PreprocessingParams().stain_normalisation.model_dump() | {"dab_scaling": "cohort"}
+    result = preprocess.preprocess_cores(
+        manifest, cores, RULE, _params(stain_normalisation=settings), ["external"]
+    )
+    entry = result.reference["sources"]["external"]
+    assert entry["dab_scale"] == 1.0
+    assert any("no pooled DAB percentile" in note for note in entry["notes"])
+    assert "Cohort external" in caplog.text and "DAB left unscaled" in caplog.text
+    features = _features(result)
+    assert len(features) == len(manifest)  # nothing else lost
+    assert features.loc[["c4", "c5"], "normalised"].all()

@@ -308,8 +308,16 @@ def _cohort_sources(normed, runner, reference, rule, s, record) -> dict[str, Sta
         except StainEstimationError as err:
             logger.warning("Cohort %s: %s; each core's own stain vectors are used.", cohort, err)
             continue
-        if s.dab_scaling == "cohort":
-            entry["dab_scale"] = _bounded_dab_scale(sources[cohort], reference, cohort, s)
+        if s.dab_scaling != "cohort":
+            continue
+        if sources[cohort].max_concentrations is None or reference.max_concentrations is None:
+            # e.g. a stain vector fell back to Ruifrok's: no percentile was measured with it
+            note = "dab_scaling: no pooled DAB percentile to calibrate with; DAB left unscaled"
+            logger.warning("Cohort %s: %s (see its notes in reference_stains)", cohort, note)
+            entry["notes"] = [*entry.get("notes", []), note]
+            entry["dab_scale"] = 1.0
+            continue
+        entry["dab_scale"] = _bounded_dab_scale(sources[cohort], reference, cohort, s)
     return sources
 
 
