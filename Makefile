@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test lint synthetic ingestion preprocessing intensity features mil resnet clam bench-study viz mlflow-ui benchmark clean-data
+.PHONY: setup run test lint synthetic ingestion preprocessing intensity features mil resnet clam reporting bench-study viz mlflow-ui benchmark clean-data
 
 setup: $(STAMP)
 
@@ -29,10 +29,13 @@ $(STAMP): pyproject.toml Makefile
 	@echo "(pip's notes that histomicstk lacks pyvips, opencv, dask, ... are expected: see the comment above)"
 	touch $@
 
-# the demo cohort, then every study (intensity, encoder + embedding cache, mil, resnet, clam)
+# the demo cohort, every study (intensity, encoder + embedding cache, mil, resnet, clam), then
+# the report of them all (data/08_reporting/report.html)
 run: setup
 	$(BIN)/kedro run --pipelines=synthetic
 	$(BIN)/kedro run --pipelines=all
+	$(BIN)/kedro run --pipelines=reporting
+	@echo "Report: $(CURDIR)/data/08_reporting/report.html"
 
 synthetic: setup
 	$(BIN)/kedro run --pipelines=synthetic
@@ -46,13 +49,14 @@ preprocessing: setup
 intensity: setup
 	$(BIN)/kedro run --pipelines=intensity
 
-features mil resnet clam: setup
+features mil resnet clam reporting: setup
 	$(BIN)/kedro run --pipelines=$@
 
 # the comparison cohort (conf/bench: ~300 patients, no slides) and every study on it
 bench-study: setup
 	$(BIN)/kedro run --env=bench --pipelines=synthetic
 	$(BIN)/kedro run --env=bench --pipelines=all
+	$(BIN)/kedro run --env=bench --pipelines=reporting
 
 test: setup
 	$(BIN)/pytest -q
@@ -62,7 +66,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 viz: setup
-	$(BIN)/kedro viz run --host 127.0.0.1
+	$(BIN)/kedro viz run --host 127.0.0.1 --no-browser
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

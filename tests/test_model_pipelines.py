@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from her2_kedro.modelling.checkpoints import load_checkpoint
+from tests.browser import view_page
 from tests.test_pipelines import _run
 
 pytestmark = pytest.mark.slow
@@ -133,3 +134,98 @@ def test_mil_then_clam_end_to_end(tmp_path, catalog_config, model_params):
     assert "resnet34" not in set(attention["model"])
     predictions = pd.read_parquet(data / "07_model_output" / "predictions.parquet")
     assert len(predictions.query("model == 'resnet34'")) == 2 * len(with_tiles)
+
+    # the report of every model: panels of the heatmap model's test cores, t-SNE, one page
+    # (this tiny cohort has no test split: the panels and t-SNE show validation cores)
+    model_params["reporting"]["heatmaps"].update(max_cores=3, disagreeing_tiles=2, split="val")
+    model_params["reporting"]["tsne"]["split"] = "val"
+    with mlflow.start_run():
+        _run("reporting", catalog_config, model_params)
+    reports = data / "08_reporting"
+    table1 = pd.read_csv(reports / "table1.csv")
+    assert {"mil", "mil_cached", "clam_sb", "dsmil", "resnet34"} <= set(table1["model"])
+    # the external centre with and without normalisation, scored by the same trained models
+    assert {"external", "external_unnormalised"} <= set(table1["split"])
+    as_scanned = pd.read_parquet(
+        data / "07_model_output" / "external_unnormalised_predictions.parquet"
+    )
+    external_cores = set(predictions.query("split == 'external'")["core_id"])
+    assert set(as_scanned["core_id"]) == external_cores
+    assert {"mil", "dsmil", "resnet34"} <= set(as_scanned["model"])
+    assert as_scanned["model_version"].str.startswith("run:").all()
+    val_cores = set(predictions.query("model == 'mil' and split == 'val'")["core_id"])
+    panels = {p.stem for p in (reports / "heatmaps").glob("*.png")}
+    assert panels <= val_cores and len(panels) == min(3, len(val_cores)) > 0
+    odd = pd.read_csv(reports / "heatmaps" / "disagreeing_tiles.csv")
+    assert set(odd["model"]) == {"mil"} and set(odd["core_id"]) == panels
+    assert odd["gap"].between(-1, 1).all()
+    assert list((reports / "tsne").glob("fig2_tsne_val.png"))
+    view = view_page(reports / "report.html", ["table1", "table2", "figures", "heatmaps"])
+    assert "resnet34" in view.sections["table1"]
+    assert view.images >= len(panels) + 3 and not view.broken_images
+    assert not view.console_errors and not view.outside_requests
+
+    # every trained model is registered with its metrics
+    client = mlflow.tracking.MlflowClient()
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"her2_kedro.mil.ihc_score", "her2_kedro.dsmil.her2_status"} <= registered
+    version = client.get_model_version("her2_kedro.mil.her2_status", "1")
+    assert "val.balanced_accuracy" in version.tags
+
+    # predict: two test cores dropped into the inbox under new names, without labels, and a
+    # broken file; the intensity baseline is not trained yet, and predict says so
+    inbox = data / "01_raw" / "inbox"
+    inbox.mkdir()
+    internal = manifest[manifest["core_id"].isin(with_tiles) & (manifest["cohort"] != "external")]
+    chosen = internal.head(2)
+    for i, image in enumerate(chosen["image"]):
+        source = data / "02_intermediate" / "cores" / image
+        (inbox / f"new_{i}{source.suffix}").write_bytes(source.read_bytes())
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(Exception, match="pipelines=intensity"), mlflow.start_run():
+        _run("predict", catalog_config, model_params)
+    with mlflow.start_run():  # kedro-mlflow opens one run per `kedro run`
+        _run("intensity", catalog_config, model_params)
+    # as scanned, a copy of a study core gets the study's own probabilities: same model, same
+    # pixels, same preparation (internal cores are not normalised)
+    model_params["predict"]["stain_normalise"] = False
+    with mlflow.start_run():
+        _run("predict", catalog_config, model_params)
+    raw = pd.read_csv(data / "07_model_output" / "inbox_predictions.csv").set_index("core_id")
+    study = predictions.query("model == 'mil' and task == 'her2_status'").set_index("core_id")
+    for i, core_id in enumerate(chosen["core_id"]):
+        assert raw.loc[f"new_{i}", "p_her2_positive"] == pytest.approx(
+            study.loc[core_id, "p_1"], abs=1e-4
+        )
+    assert not raw["normalised"].any()
+    model_params["predict"]["stain_normalise"] = True  # the default: rescored, not skipped
+    with mlflow.start_run():
+        _run("predict", catalog_config, model_params)
+    calls = pd.read_csv(data / "07_model_output" / "inbox_predictions.csv")
+    assert sorted(calls["core_id"]) == ["new_0", "new_1"]
+    score_p = calls[[f"p_score_{c}" for c in range(4)]].to_numpy()
+    assert np.allclose(score_p.sum(axis=1), 1.0, atol=1e-5)
+    assert (calls["ihc_score"] == score_p.argmax(axis=1)).all()
+    assert calls["p_her2_positive"].between(0, 1).all()
+    assert set(calls["status_model"]) == {"mil"}
+    assert calls["status_model_version"].str.startswith("run:").all()  # the training run
+    assert calls["intensity_her2_status"].isin([0, 1]).all()
+    assert calls["normalised"].all()
+    assert {p.stem for p in (reports / "inbox").glob("*.png")} == {"new_0", "new_1"}
+    inbox_qc = pd.read_csv(data / "02_intermediate" / "inbox_qc_report.csv")
+    assert inbox_qc.set_index("core_id").loc["broken.jpg", "status"] == "rejected"
+    page = (reports / "report.html").read_text()
+    assert 'id="inbox"' in page and "broken.jpg" in page and "new_1" in page
+
+    # a rerun skips the cores already scored by the same models; a champion alias takes over
+    with mlflow.start_run():
+        _run("predict", catalog_config, model_params)
+    again = pd.read_csv(data / "07_model_output" / "inbox_predictions.csv")
+    assert list(again["scored_at"]) == list(calls["scored_at"])
+    client.set_registered_model_alias("her2_kedro.mil.her2_status", "champion", "1")
+    client.set_registered_model_alias("her2_kedro.mil.ihc_score", "champion", "1")
+    with mlflow.start_run():
+        _run("predict", catalog_config, model_params)
+    champion = pd.read_csv(data / "07_model_output" / "inbox_predictions.csv")
+    assert champion["status_model_version"].str.contains("@champion").all()
+    assert np.allclose(champion["p_her2_positive"], calls["p_her2_positive"], atol=1e-5)

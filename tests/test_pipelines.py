@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
@@ -25,6 +26,7 @@ def _add_params(catalog: DataCatalog, prefix: str, values) -> None:
 
 def _catalog(config, params) -> DataCatalog:
     catalog = DataCatalog.from_config(config)
+    catalog["parameters"] = MemoryDataset(params)  # as Kedro's context registers them
     for section, values in params.items():
         _add_params(catalog, section, values)
     return catalog
@@ -182,6 +184,34 @@ def test_intensity_study_end_to_end_with_mlflow(tmp_path, catalog_config, study_
         assert logged[name] == pytest.approx(row.balanced_accuracy)
     artifacts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id)]
     assert {"models", "figures"} <= set(artifacts)
+
+    # the report of an intensity-only study: tables and page, no attention so no heatmaps
+    with mlflow.start_run() as report_run:
+        _run("reporting", catalog_config, study_params)
+    table1 = pd.read_csv(data / "08_reporting" / "table1.csv")
+    assert set(table1["model"]) == {"intensity", "intensity_plus"}
+    assert set(table1["split"]) == {"test", "external"}
+    merged = table1.merge(metrics, on=["model", "task", "split"], suffixes=("", "_metrics"))
+    assert len(merged) == len(table1)
+    assert np.allclose(merged["balanced_accuracy"], merged["balanced_accuracy_metrics"])
+    assert (table1["ci_low"] <= table1["balanced_accuracy"]).all()
+    paper = table1.query("model == 'intensity' and split == 'test'").set_index("task")
+    assert paper.loc["ihc_score", "paper_balanced_accuracy"] == 0.6876
+    page = (data / "08_reporting" / "report.html").read_text()
+    assert 'id="table1"' in page and "intensity_plus" in page
+    assert not list((data / "08_reporting" / "heatmaps").glob("*.png"))
+    logged = {
+        a.path
+        for a in mlflow.tracking.MlflowClient().list_artifacts(report_run.info.run_id, "report")
+    }
+    assert {"report/report.html", "report/table1.csv"} <= logged
+
+
+def test_reporting_before_any_study_says_what_to_run(
+    ingested, catalog_config, tiny_synthetic_params
+):
+    with pytest.raises(Exception, match="run a study first"):
+        _run("reporting", catalog_config, tiny_synthetic_params)
 
 
 def test_rerun_replaces_own_metric_rows_and_keeps_others(tmp_path, catalog_config, study_params):

@@ -5,7 +5,16 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from her2_kedro.config import TORCH_STUDIES
-from her2_kedro.pipelines import features, ingestion, intensity, models, preprocessing, synthetic
+from her2_kedro.pipelines import (
+    features,
+    ingestion,
+    intensity,
+    models,
+    predict,
+    preprocessing,
+    reporting,
+    synthetic,
+)
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -24,6 +33,13 @@ def register_pipelines() -> dict[str, Pipeline]:
         "preprocessing": preprocessing.create_pipeline(),
         "intensity": upstream + intensity.create_pipeline(),
         "features": upstream + features_pipeline,
+        # reads the finished studies' outputs from disk: run after them (`make run` does)
+        "reporting": reporting.create_pipeline(),
+        # scores the inbox, then renews the report with its section (fed this run's calls)
+        "predict": predict.create_pipeline()
+        + Pipeline(
+            reporting.create_pipeline(), inputs={"inbox_predictions": "scored_inbox_predictions"}
+        ),
     }
     everything = pipelines["intensity"]
     for family in TORCH_STUDIES:

@@ -21,11 +21,13 @@ from her2_kedro.config.models import (
     TorchModelConfig,
     TorchStudyParams,
 )
+from her2_kedro.config.predict import PredictParams
 from her2_kedro.config.preprocessing import (
     PreprocessingParams,
     StainNormalisationConfig,
     ThresholdConfig,
 )
+from her2_kedro.config.reporting import ReportingParams
 from her2_kedro.config.shared import CohortsConfig, TileConfig
 from her2_kedro.config.synthetic import ArtefactRates, SyntheticParams, SyntheticSlides
 
@@ -41,7 +43,9 @@ __all__ = [
     "IntensityModelConfig",
     "IntensityStudyParams",
     "ParameterError",
+    "PredictParams",
     "PreprocessingParams",
+    "ReportingParams",
     "SECTIONS",
     "SplitConfig",
     "StainNormalisationConfig",
@@ -69,6 +73,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "mil_study": TorchStudyParams,
     "resnet_study": TorchStudyParams,
     "clam_study": TorchStudyParams,
+    "reporting": ReportingParams,
+    "predict": PredictParams,
 }
 #: The torch studies, by the pipeline that runs them.
 TORCH_STUDIES: dict[str, str] = {"mil": "mil_study", "resnet": "resnet_study", "clam": "clam_study"}

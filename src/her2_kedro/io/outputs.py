@@ -69,7 +69,8 @@ class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):
     """A folder of PNG figures saved from ``{name: matplotlib Figure}``, also logged to MLflow.
 
     When an MLflow run is active (kedro-mlflow opens one per ``kedro run``) each PNG is logged as an
-    artifact under ``artifact_path``; without a run the figures are only written to disk.
+    artifact under ``artifact_path``; without a run the figures are only written to disk. With
+    ``clear``, the folder's earlier PNGs are deleted first, so it holds exactly the last save.
     """
 
     def __init__(
@@ -78,11 +79,13 @@ class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):
         path: str,
         artifact_path: str | None = None,
         dpi: int = 120,
+        clear: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._path = Path(path)
         self._artifact_path = artifact_path
         self._dpi = dpi
+        self._clear = clear
         self.metadata = metadata
 
     def load(self) -> list[Path]:
@@ -92,6 +95,9 @@ class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):
         import mlflow
 
         self._path.mkdir(parents=True, exist_ok=True)
+        if self._clear:
+            for stale in self._path.glob("*.png"):
+                stale.unlink()
         run = mlflow.active_run()
         for name, figure in data.items():
             target = self._path / f"{name}.png"
@@ -103,7 +109,7 @@ class FiguresDataset(AbstractDataset[list[Path], Mapping[str, Any]]):
         return self._path.is_dir()
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "artifact_path": self._artifact_path}
+        return {"path": str(self._path), "artifact_path": self._artifact_path, "clear": self._clear}
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

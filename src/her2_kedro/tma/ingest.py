@@ -63,7 +63,7 @@ def core_id_for(filename: str) -> str:
     return "__".join(PurePosixPath(filename).with_suffix("").parts)
 
 
-def _reencoded(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> bytes:
+def reencoded(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> bytes:
     """Decode ``path`` again with the QC conversions and encode it as PNG (converted modes only)."""
     checked = check_image(path.read_bytes(), name, checks, tiles)
     if not checked.ok or checked.rgb is None:
@@ -95,7 +95,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
     return frame.astype({"split": "object", "cohort": "object", NOTE_COLUMN: "object"})
 
 
-def _check_file(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> CheckedImage:
+def check_file(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) -> CheckedImage:
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -151,7 +151,7 @@ def ingest_core_folder(
 
     check = check_label_table(labels, "labels.csv", set(files))
     verdicts = {
-        name: _check_file(files[name], name, checks, tiles) for name in sorted(check.label_rejected)
+        name: check_file(files[name], name, checks, tiles) for name in sorted(check.label_rejected)
     }
     problems.extend(_with_image_verdict(check.problems, set(check.label_rejected), verdicts))
     records: list[dict] = []
@@ -159,14 +159,14 @@ def ingest_core_folder(
     for row in tqdm(check.clean.to_dict("records"), desc="checking cores", unit="core"):
         name = row["filename"]
         path = files[name]
-        checked = _check_file(path, name, checks, tiles)
+        checked = check_file(path, name, checks, tiles)
         if not checked.ok:
             problems.append(QCProblem(source, name, checked.reason))
             continue
         core_id = core_id_for(name)
         if checked.converted:
             image = f"{core_id}.png"
-            payloads[image] = partial(_reencoded, path, name, checks, tiles)
+            payloads[image] = partial(reencoded, path, name, checks, tiles)
         else:
             image = f"{core_id}.{_EXTENSIONS.get(checked.format, 'png')}"
             payloads[image] = path.read_bytes

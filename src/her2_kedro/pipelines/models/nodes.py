@@ -132,8 +132,9 @@ def train_model(
         task=t.name,
         training=spec.training.model_dump(mode="json"),
         epoch=result.selected_epoch,
-        # how to feed the model new cores (its input kind, bag / image settings, tile rule)
-        extras={"spec": spec.model_dump(mode="json"), "tiles": dict(tiles)},
+        # how to feed the model new cores (its input kind, bag / image settings, tile rule), and
+        # the MLflow run that trained it (the version `predict` records with each call)
+        extras={"spec": spec.model_dump(mode="json"), "tiles": dict(tiles), "run_id": run_id()},
     )
     (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
     logger.info(
@@ -160,6 +161,7 @@ def evaluate_model(
     tile's attention, report tables and figures, and the final metrics for MLflow."""
     from her2_kedro.evaluation import study
     from her2_kedro.modelling.checkpoints import load_checkpoint
+    from her2_kedro.modelling.registry import register_checkpoint
     from her2_kedro.modelling.torch_study import (
         make_dataset,
         output_names,
@@ -186,7 +188,17 @@ def evaluate_model(
     attention.insert(0, "task", t.name)
     attention.insert(0, "model", spec.name)
     tables, figures = model_reports(predictions, confusions, spec.name, t.name)
+    register_checkpoint(spec.name, t.name, provenance["run_id"], _split_metrics(metrics))
     return predictions, metrics, attention, tables, figures, final_metrics(metrics, logger)
+
+
+def _split_metrics(metrics: pd.DataFrame) -> dict[str, float]:
+    """``<split>.balanced_accuracy`` of each split: the registered version's tags."""
+    return {
+        f"{row.split}.balanced_accuracy": float(row.balanced_accuracy)
+        for row in metrics.itertuples(index=False)
+        if pd.notna(row.balanced_accuracy)
+    }
 
 
 def collect_reports(
