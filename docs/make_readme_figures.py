@@ -35,6 +35,7 @@ def table1_png(table1: pd.DataFrame, target: Path) -> None:
         colLabels=["model", "task", "balanced accuracy [95 % CI]", "paper"],
         loc="center",
         cellLoc="left",
+        colWidths=[0.2, 0.2, 0.38, 0.16],
     )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
