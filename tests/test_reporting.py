@@ -331,3 +331,37 @@ def test_report_page_holds_every_section_and_escapes_input():
     assert "<script>alert(1)</script>" not in page  # file names are escaped
     assert page.count("data:image/png;base64,") == 2
     assert 'id="inbox"' not in page  # no inbox section without inbox calls
+
+
+def test_panels_take_the_five_classes_in_turn_and_fall_back_to_a_model_with_attention():
+    from her2_kedro.config import ReportingParams
+    from her2_kedro.pipelines.reporting.nodes import _panel_cores, heatmap_model
+
+    cores = pd.DataFrame(
+        {
+            "core_id": [f"c{i}" for i in range(8)],
+            "five_class": ["0", "0", "0", "2+", "2+", "3", "1", "2-"],
+        }
+    )
+    chosen = _panel_cores(cores, 5)
+    assert sorted(cores.set_index("core_id").loc[chosen, "five_class"]) == [
+        "0",
+        "1",
+        "2+",
+        "2-",
+        "3",
+    ]
+    assert len(_panel_cores(cores, None)) == 8
+    attention = pd.DataFrame(
+        {
+            "model": ["mil", "dsmil", "dsmil"],
+            "task": ["her2_status", "her2_status", "ihc_score"],
+            "core_id": "c0",
+            "x": 0,
+            "y": 0,
+            "attention": 1.0,
+        }
+    )
+    config = ReportingParams()  # mil first, then mil_cached, clam_sb, dsmil
+    assert heatmap_model(attention, config) == "dsmil"  # mil has attention for one task only
+    assert heatmap_model(None, config) is None

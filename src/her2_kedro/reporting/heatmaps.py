@@ -165,3 +165,26 @@ def interpretation_panel(
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+#: The paper's Fig. 3 maps, by column of :func:`core_tile_maps` (tasks as attention names).
+TASK_MAPS = {
+    "attention_her2_status": "attention, HER2 status",
+    "attention_ihc_score": "attention, IHC score",
+    "dab": "mean DAB per tile",
+}
+
+
+def task_panel(
+    rgb: np.ndarray,
+    tiles: pd.DataFrame,
+    attention: Mapping[str, pd.DataFrame],
+    tile_size: int,
+    title: str,
+    n_disagreeing: int,
+) -> tuple[Figure, pd.DataFrame]:
+    """Fig. 3 of one core from the attention of its status and score models (``attention`` keyed
+    by task): the panel, and the tiles where status attention and mean DAB disagree most."""
+    maps = core_tile_maps(rgb, tiles, attention, tile_size)
+    odd = disagreement(maps, "attention_her2_status", n_disagreeing)
+    return interpretation_panel(rgb, maps, tile_size, title, TASK_MAPS, odd), odd

@@ -97,7 +97,7 @@ def score_inbox(
     from her2_kedro.modelling.intensity_lr import IntensityModel
     from her2_kedro.modelling.registry import resolve_checkpoint
     from her2_kedro.modelling.scoring import load_encoder, load_trained, score_core
-    from her2_kedro.reporting.heatmaps import core_tile_maps, disagreement, interpretation_panel
+    from her2_kedro.reporting.heatmaps import task_panel
     from her2_kedro.tma.inbox import INBOX, check_inbox
     from her2_kedro.tma.qc.report import accepted_reason, qc_table
 
@@ -193,24 +193,13 @@ def score_inbox(
             row["intensity_model_version"] = "sha256:" + "+".join(digests)
         if config.heatmaps and all(not a.empty for a in per_task.values()):
             grid = per_task["her2_status"][["x", "y"]]  # the evaluation bag: offset 0, all tiles
-            maps = core_tile_maps(rgb, grid, per_task, rule.tile_size)
-            odd = disagreement(maps, "attention_her2_status", config.disagreeing_tiles)
             title = (
                 f"{core.core_id}: score {row['ihc_score']}, HER2 "
                 f"{'positive' if row['her2_status'] else 'negative'} "
                 f"(p={row['p_her2_positive']:.2f}, {models['her2_status'].name})"
             )
-            figures[core.core_id] = interpretation_panel(
-                rgb,
-                maps,
-                rule.tile_size,
-                title,
-                {
-                    "attention_her2_status": "attention, HER2 status",
-                    "attention_ihc_score": "attention, IHC score",
-                    "dab": "mean DAB per tile",
-                },
-                odd,
+            figures[core.core_id], _ = task_panel(
+                rgb, grid, per_task, rule.tile_size, title, config.disagreeing_tiles
             )
         row["seconds"] = round(time.perf_counter() - start, 3)
         row["scored_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

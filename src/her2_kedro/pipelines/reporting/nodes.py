@@ -192,7 +192,7 @@ def heatmap_panels(
     from her2_kedro.config import CohortsConfig, TileConfig
     from her2_kedro.features.preprocess import decode_rgb
     from her2_kedro.imaging.normalisation import cohort_normaliser
-    from her2_kedro.reporting.heatmaps import core_tile_maps, disagreement, interpretation_panel
+    from her2_kedro.reporting.heatmaps import task_panel
 
     config = ReportingParams.model_validate(reporting)
     rule = TileConfig.model_validate(tiles)
@@ -227,27 +227,19 @@ def heatmap_panels(
             task: mine[(mine["task"] == task) & (mine["core_id"] == core_id)]
             for task in ("her2_status", "ihc_score")
         }
-        maps = core_tile_maps(
-            rgb, tile_index[tile_index["core_id"] == core_id], per_task, rule.tile_size
-        )
-        odd = disagreement(maps, "attention_her2_status", config.heatmaps.disagreeing_tiles)
         said = calls[calls["core_id"] == core_id].set_index("task")["y_pred"]
         title = (
             f"{core_id}: true class {row['five_class']}; {model} calls score "
             f"{said.get('ihc_score', '?')}, status "
             f"{'positive' if said.get('her2_status') == 1 else 'negative'}"
         )
-        figures[f"{core_id}"] = interpretation_panel(
+        figures[core_id], odd = task_panel(
             rgb,
-            maps,
+            tile_index[tile_index["core_id"] == core_id],
+            per_task,
             rule.tile_size,
             title,
-            {
-                "attention_her2_status": "attention, HER2 status",
-                "attention_ihc_score": "attention, IHC score",
-                "dab": "mean DAB per tile",
-            },
-            odd,
+            config.heatmaps.disagreeing_tiles,
         )
         for rank, tile in enumerate(odd.itertuples(index=False), start=1):
             table.append(
