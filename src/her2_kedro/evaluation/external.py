@@ -75,6 +75,7 @@ def score_as_scanned(
     Rows of ``done`` whose model version and core are unchanged are kept instead of recomputed.
     """
     from her2_kedro.features.preprocess import decode_rgb
+    from her2_kedro.modelling.bags import EmptyBagError
     from her2_kedro.modelling.intensity_lr import IntensityModel
     from her2_kedro.modelling.scoring import load_encoder, load_trained, score_core
 
@@ -106,14 +107,21 @@ def score_as_scanned(
     for core in tqdm(cores.to_dict("records"), desc="external cores as scanned", unit="core"):
         image = images[core["image"]]()
         embedded: dict[str, dict] = {}
-        probabilities = {
-            key: score_core(trained, core["core_id"], image, None, encoder, device, embedded)[0]
-            for key, trained in torch_models.items()
-        }
+        try:
+            probabilities = {
+                key: score_core(trained, core["core_id"], image, None, encoder, device, embedded)[0]
+                for key, trained in torch_models.items()
+            }
+        except EmptyBagError:  # tissue found only after normalisation: nothing to score raw
+            logger.warning("%s: no tissue tile as scanned, left out", core["core_id"])
+            continue
         if linear:
             features = intensity_features(
                 decode_rgb(image), core["core_id"], rule, thresholds, matrix
             )
+            if not np.isfinite(features["max_mean_dab"].to_numpy(dtype=float)).all():
+                logger.warning("%s: no tissue tile as scanned, left out", core["core_id"])
+                continue
             for key, model in linear.items():
                 probabilities[key] = class_probabilities(model, features, TASKS[key[1]])[0][0]
         for (model, task), proba in probabilities.items():

@@ -54,7 +54,10 @@ def external_as_scanned(
     config = ReportingParams.model_validate(reporting)
     groups = CohortsConfig.model_validate(cohorts)
     both = set(groups.evaluation_only) & set(groups.stain_normalised)
-    cores = core_manifest[core_manifest["cohort"].isin(both)]
+    scored = set(predictions.loc[predictions["split"] == "external", "core_id"])
+    cores = core_manifest[
+        core_manifest["cohort"].isin(both) & core_manifest["core_id"].isin(scored)
+    ]
     if not config.external_unnormalised or cores.empty:
         return pd.DataFrame()
     pairs = predictions[["model", "task"]].drop_duplicates().itertuples(index=False)
