@@ -140,7 +140,6 @@ def study_figures(predictions: pd.DataFrame, reporting: dict[str, Any]) -> dict[
     from her2_kedro.reporting.study_figures import confusion_grid, roc_figure
 
     config = ReportingParams.model_validate(reporting)
-    predictions = predictions
     figures: dict[str, Any] = {}
     for split in config.splits:
         for task in ("her2_status", "ihc_score"):
@@ -336,7 +335,6 @@ def write_report(
     from her2_kedro.reporting.html_report import ReportContent, render_report
 
     config = ReportingParams.model_validate(reporting)
-    predictions = predictions
     captions = {
         p.stem: text
         for p in [*figures, *embedding_figures]
