@@ -16,6 +16,7 @@ from her2_kedro.reporting.embedding_map import sample_tiles, tsne_coordinates, t
 from her2_kedro.reporting.heatmaps import (
     core_tile_maps,
     disagreement,
+    display_copy,
     interpretation_panel,
     tile_grid,
     unit_range,
@@ -258,6 +259,27 @@ def test_core_maps_put_dab_on_stained_tiles_and_find_disagreement():
     titles = [ax.get_title() for ax in fig.axes]
     assert "score\n(not available)" in titles  # a missing map is said, not silently dropped
     assert sum(t.startswith(("1:", "2:")) for t in titles) == 2  # the two thumbnails
+
+
+def test_a_large_core_is_drawn_reduced_over_its_full_resolution_coordinates():
+    rgb = np.zeros((2300, 2100, 3), np.uint8)
+    rgb[:, 1050:] = 200  # right half light: the reduced copy must keep where things are
+    shown = display_copy(rgb, max_side=1024)
+    assert shown.shape == (767, 700, 3)  # reduced by 3, the smallest whole factor that fits
+    assert shown[:, :349].max() == 0 and shown[:, 351:].min() == 200
+    small = rgb[:448, :448]
+    assert display_copy(small) is small  # a core that fits is drawn as it is
+    tiles = pd.DataFrame({"x": [0, 1792], "y": [0, 1792]})
+    maps = tiles.assign(attention_her2_status=[0.2, 0.9], dab=[0.0, 1.0])
+    odd = disagreement(maps, "attention_her2_status", 1)
+    fig = interpretation_panel(rgb, maps, 224, "big", {"attention_her2_status": "status"}, odd)
+    core_axes, map_axes, thumb_axes = fig.axes[0], fig.axes[1], fig.axes[-1]
+    for ax in (core_axes, map_axes):
+        drawn = ax.get_images()[0]
+        assert max(drawn.get_array().shape[:2]) <= 1024
+        assert tuple(drawn.get_extent()) == (0, 2100, 2300, 0)  # full-resolution coordinates
+    assert core_axes.patches[0].get_xy() == (0, 0)  # the outlined tile, in core pixels
+    assert thumb_axes.get_images()[0].get_array().shape[:2] == (224, 224)  # thumbnails full size
 
 
 # --- t-SNE -----------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
+from PIL import Image
 
 from her2_kedro.features.intensity import tile_mean_dab
 from her2_kedro.imaging.stain import dab_channel
@@ -83,12 +85,34 @@ def disagreement(maps: pd.DataFrame, attention_column: str, n: int) -> pd.DataFr
     return ranked.loc[order[:n]].reset_index(drop=True)
 
 
-def _show_map(ax, grid: np.ndarray, rgb: np.ndarray, title: str, cmap: str) -> None:
-    height, width = rgb.shape[:2]
+#: The longest side, in pixels, of the core image drawn in a panel: a panel shows it a few
+#: hundred pixels wide, and matplotlib resamples a full 5468 px core (30 Mpx) for seconds per axis.
+DISPLAY_PX = 1024
+
+
+def display_copy(rgb: np.ndarray, max_side: int = DISPLAY_PX) -> np.ndarray:
+    """The core reduced by a whole factor (box filter) to at most ``max_side`` pixels a side, for
+    drawing only; maps and thumbnails keep full-resolution coordinates."""
+    step = int(np.ceil(max(rgb.shape[:2]) / max_side))
+    if step <= 1:
+        return rgb
+    if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3:
+        return np.asarray(Image.fromarray(rgb).reduce(step))
+    return rgb[::step, ::step]
+
+
+def _show_core(ax, shown: np.ndarray, height: int, width: int, **style) -> None:
+    """Draw the display copy of a core stretched over its full-resolution pixel coordinates."""
+    ax.imshow(shown, extent=(0, width, height, 0), **style)
+
+
+def _show_map(
+    ax, grid: np.ndarray, shown: np.ndarray, height: int, width: int, title: str, cmap: str
+) -> AxesImage:
     tile_h = height / grid.shape[0]
     tile_w = width / grid.shape[1]
-    grey = rgb.mean(axis=2)
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, alpha=0.35)
+    grey = shown.mean(axis=2)
+    _show_core(ax, grey, height, width, cmap="gray", vmin=0, vmax=255, alpha=0.35)
     extent = (0, grid.shape[1] * tile_w, grid.shape[0] * tile_h, 0)
     image = ax.imshow(
         np.ma.masked_invalid(grid),
@@ -126,8 +150,11 @@ def interpretation_panel(
     fig = Figure(figsize=(2.7 * n_cols, 2.9 * n_rows + 0.3), layout="constrained")
     FigureCanvasAgg(fig)
     grid_spec = fig.add_gridspec(n_rows, max(n_cols, len(thumbs)))
+    shown = display_copy(rgb)
     ax = fig.add_subplot(grid_spec[0, 0])
-    ax.imshow(rgb)
+    _show_core(ax, shown, height, width)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     ax.set_title("core", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -151,7 +178,7 @@ def interpretation_panel(
             ax.set_title(f"{label}\n(not available)", fontsize=9)
             continue
         grid = tile_grid(maps, column, tile_size, height, width)
-        image = _show_map(ax, grid, rgb, label, "magma")
+        image = _show_map(ax, grid, shown, height, width, label, "magma")
     if image is not None:
         fig.colorbar(image, ax=fig.axes[1 : 1 + n_maps], shrink=0.7, label="scaled to [0, 1]")
     for k, tile in enumerate(thumbs.itertuples(index=False)):
