@@ -104,15 +104,19 @@ def display_copy(rgb: np.ndarray, max_side: int = DISPLAY_PX) -> np.ndarray:
 def _show_core(ax, shown: np.ndarray, height: int, width: int, **style) -> None:
     """Draw the display copy of a core stretched over its full-resolution pixel coordinates."""
     ax.imshow(shown, extent=(0, width, height, 0), **style)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _show_map(
-    ax, grid: np.ndarray, shown: np.ndarray, height: int, width: int, title: str, cmap: str
+    ax, grid: np.ndarray, grey: np.ndarray, height: int, width: int, title: str, cmap: str
 ) -> AxesImage:
+    """A tile map over the faded grey core."""
+    _show_core(ax, grey, height, width, cmap="gray", vmin=0, vmax=255, alpha=0.35)
     tile_h = height / grid.shape[0]
     tile_w = width / grid.shape[1]
-    grey = shown.mean(axis=2)
-    _show_core(ax, grey, height, width, cmap="gray", vmin=0, vmax=255, alpha=0.35)
     extent = (0, grid.shape[1] * tile_w, grid.shape[0] * tile_h, 0)
     image = ax.imshow(
         np.ma.masked_invalid(grid),
@@ -123,11 +127,7 @@ def _show_map(
         alpha=0.85,
         interpolation="nearest",
     )
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
     ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
     return image
 
 
@@ -151,13 +151,10 @@ def interpretation_panel(
     FigureCanvasAgg(fig)
     grid_spec = fig.add_gridspec(n_rows, max(n_cols, len(thumbs)))
     shown = display_copy(rgb)
+    grey = shown.mean(axis=2)  # the faded background of every map
     ax = fig.add_subplot(grid_spec[0, 0])
     _show_core(ax, shown, height, width)
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
     ax.set_title("core", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
     for k, tile in enumerate(thumbs.itertuples(index=False)):
         ax.add_patch(
             Rectangle(
@@ -178,7 +175,7 @@ def interpretation_panel(
             ax.set_title(f"{label}\n(not available)", fontsize=9)
             continue
         grid = tile_grid(maps, column, tile_size, height, width)
-        image = _show_map(ax, grid, shown, height, width, label, "magma")
+        image = _show_map(ax, grid, grey, height, width, label, "magma")
     if image is not None:
         fig.colorbar(image, ax=fig.axes[1 : 1 + n_maps], shrink=0.7, label="scaled to [0, 1]")
     for k, tile in enumerate(thumbs.itertuples(index=False)):
