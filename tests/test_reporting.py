@@ -279,6 +279,9 @@ def test_a_large_core_is_drawn_reduced_over_its_full_resolution_coordinates():
         assert max(drawn.get_array().shape[:2]) <= 1024
         assert tuple(drawn.get_extent()) == (0, 2100, 2300, 0)  # full-resolution coordinates
     assert core_axes.patches[0].get_xy() == (0, 0)  # the outlined tile, in core pixels
+    # the map's cells are tiles of 224 core pixels: 11 x 10 cells reach past the 2300 x 2100 core
+    assert tuple(map_axes.get_images()[1].get_extent()) == (0, 2240, 2464, 0)
+    assert map_axes.get_xlim() == (0, 2100) and map_axes.get_ylim() == (2300, 0)
     assert thumb_axes.get_images()[0].get_array().shape[:2] == (224, 224)  # thumbnails full size
 
 

@@ -111,13 +111,19 @@ def _show_core(ax, shown: np.ndarray, height: int, width: int, **style) -> None:
 
 
 def _show_map(
-    ax, grid: np.ndarray, grey: np.ndarray, height: int, width: int, title: str, cmap: str
+    ax,
+    grid: np.ndarray,
+    grey: np.ndarray,
+    height: int,
+    width: int,
+    tile_size: int,
+    title: str,
+    cmap: str,
 ) -> AxesImage:
-    """A tile map over the faded grey core."""
+    """A tile map over the faded grey core: cells of ``tile_size`` core pixels from (0, 0); the
+    last row and column may run past the core's edge and are clipped there."""
     _show_core(ax, grey, height, width, cmap="gray", vmin=0, vmax=255, alpha=0.35)
-    tile_h = height / grid.shape[0]
-    tile_w = width / grid.shape[1]
-    extent = (0, grid.shape[1] * tile_w, grid.shape[0] * tile_h, 0)
+    extent = (0, grid.shape[1] * tile_size, grid.shape[0] * tile_size, 0)
     image = ax.imshow(
         np.ma.masked_invalid(grid),
         cmap=cmap,
@@ -175,7 +181,7 @@ def interpretation_panel(
             ax.set_title(f"{label}\n(not available)", fontsize=9)
             continue
         grid = tile_grid(maps, column, tile_size, height, width)
-        image = _show_map(ax, grid, grey, height, width, label, "magma")
+        image = _show_map(ax, grid, grey, height, width, tile_size, label, "magma")
     if image is not None:
         fig.colorbar(image, ax=fig.axes[1 : 1 + n_maps], shrink=0.7, label="scaled to [0, 1]")
     for k, tile in enumerate(thumbs.itertuples(index=False)):
