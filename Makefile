@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	# and these few packages, so install it without its declared dependencies.
 	$(BIN)/pip install --quiet large-image shapely ctk-cli girder-slicer-cli-web
 	$(BIN)/pip install --quiet --no-deps histomicstk==1.4.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,deploy]"
 	@echo "(pip's notes that histomicstk lacks pyvips, opencv, dask, ... are expected: see the comment above)"
 	touch $@
 

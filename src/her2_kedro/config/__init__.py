@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from her2_kedro.config.ingestion import DearrayConfig, ImageChecks, IngestionParams, SplitConfig
 from her2_kedro.config.intensity import IntensityModelConfig, IntensityStudyParams, TaskConfig
-from her2_kedro.config.mil import BagConfig, TrainingConfig
+from her2_kedro.config.mil import BagConfig, DistributedConfig, TrainingConfig
 from her2_kedro.config.models import (
     TRAINED_ENCODER,
     EncoderConfig,
@@ -34,6 +34,7 @@ from her2_kedro.config.synthetic import ArtefactRates, SyntheticParams, Syntheti
 __all__ = [
     "ArtefactRates",
     "BagConfig",
+    "DistributedConfig",
     "CohortsConfig",
     "DearrayConfig",
     "EncoderConfig",

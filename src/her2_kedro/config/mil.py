@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from her2_kedro.config.base import Strict
 
@@ -36,6 +36,37 @@ class BagConfig(Strict):
     flips: bool = True
     cores_per_batch: int = Field(8, ge=1)
     stain_jitter: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class DistributedConfig(Strict):
+    """Data-parallel training of one model with ``torchrun`` (DDP), launched by its training node.
+
+    ``nproc_per_node``: processes on each machine (one per GPU; on CPU, gloo processes); 1 keeps
+    the single-process loop. ``nnodes`` > 1 spreads them over machines: every other machine runs
+    the command the node logs, against ``rdzv_endpoint`` (``host:port`` of the first machine),
+    and ``job_dir`` must then be a folder all machines share. ``backend``: ``auto`` takes NCCL on
+    CUDA and gloo otherwise. Each process trains on its shard of the five-class draw; gradients
+    are averaged, so ``nproc_per_node * nnodes * grad_accumulation`` bags make one step.
+    """
+
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None  # None: a local standalone rendezvous (one machine only)
+    rdzv_id: str = "her2_kedro"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    job_dir: str | None = None  # None: <model work folder>/torchrun
+    timeout_s: int = Field(1800, ge=10)  # collective-operation timeout
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together."""
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _multi_node_needs_endpoint(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the first machine)")
+        return self
 
 
 class TrainingConfig(Strict):

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from her2_kedro.config.base import Strict, check_keys_are_names
 from her2_kedro.config.intensity import TaskConfig
-from her2_kedro.config.mil import BagConfig, TrainingConfig
+from her2_kedro.config.mil import BagConfig, DistributedConfig, TrainingConfig
 
 #: ``encoder_weights`` value that names the backbone trained by the ``features`` pipeline.
 TRAINED_ENCODER = "trained"
@@ -83,6 +83,7 @@ class TorchModelConfig(Strict):
     backbone's trunk), ``None`` from random weights (the paper). ``labels``: train on the task's
     own classes (``task``, the paper) or on the five classes 0, 1, 2-, 2+, 3 (``five_class``),
     whose probabilities are summed into the task's classes for selection and scoring.
+    ``distributed``: train with ``torchrun`` over several processes, GPUs or machines (DDP).
     """
 
     name: str
@@ -95,6 +96,7 @@ class TorchModelConfig(Strict):
     bag: BagConfig = BagConfig()
     image: ImageConfig = ImageConfig()
     training: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @property
     def needs_trained_encoder(self) -> bool:

@@ -28,6 +28,7 @@ from her2_kedro.imaging.tiling import PAPER_RULE
 from her2_kedro.modelling.bags import BagDataset, Transform
 from her2_kedro.modelling.checkpoints import ARCHITECTURES
 from her2_kedro.modelling.devices import autocast, resolve_device
+from her2_kedro.modelling.distributed import DistributedFiveClassSampler, world
 from her2_kedro.modelling.embeddings import EmbeddingBagDataset, EntryLoader
 from her2_kedro.modelling.reproducibility import seed_everything
 from her2_kedro.modelling.sampling import FiveClassSampler
@@ -275,8 +276,10 @@ def fit(
     train_data = make_dataset(spec, train_rows, label, inputs, train=True, seed=seed)
     val_data = make_dataset(spec, val_rows, label, inputs, train=False, seed=seed)
     sampler = None
+    # under torchrun each process draws the same five-class sequence and keeps its shard
+    sampler_class = DistributedFiveClassSampler if world()[1] > 1 else FiveClassSampler
     if spec.input in ("tiles", "embeddings"):  # the batch datasets draw their own balanced groups
-        sampler = FiveClassSampler(train_rows["five_class"].tolist(), seed=seed)
+        sampler = sampler_class(train_rows["five_class"].tolist(), seed=seed)
     resume = checkpoint_path if checkpoint_path is not None and checkpoint_path.is_file() else None
     kwargs = dict(
         sampler=sampler,

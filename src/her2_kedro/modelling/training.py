@@ -14,10 +14,17 @@ is the sampler's (``set_epoch`` each epoch) or a seeded permutation per epoch. A
 resume checkpoint (weights, optimiser, scheduler, counters, best weights, history and RNG states)
 is written atomically, and ``train(..., resume_from=path)`` continues so that an interrupted and
 resumed run ends with the same weights and history as an uninterrupted one (on CPU).
+
+Data-parallel: started by ``torchrun`` inside a process group (:mod:`.distributed`), the same
+function trains a DDP copy of the model on each rank's shard of the training order, averages the
+epoch's loss over the ranks, scores the validation items shared out over the ranks and gathered,
+so that every rank takes the same decisions; only rank 0 writes the resume checkpoint and calls
+``on_epoch_end``. In-model randomness (dropout) is seeded per rank and epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -36,6 +44,14 @@ from her2_kedro.evaluation.metrics import classification_metrics
 from her2_kedro.modelling.batch_norm import recompute_batch_norm
 from her2_kedro.modelling.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from her2_kedro.modelling.devices import autocast, resolve_device
+from her2_kedro.modelling.distributed import (
+    all_mean,
+    gather_in_order,
+    is_main,
+    seed_for_rank,
+    shard,
+    world,
+)
 from her2_kedro.modelling.reproducibility import rng_states, seed_everything, set_rng_states
 
 __all__ = [
@@ -50,6 +66,11 @@ __all__ = [
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: Training settings that must match for a resume to continue the same run (others may change).
 _RESUME_MAY_DIFFER = ("max_epochs", "device", "num_workers")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, without its DDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @dataclass
@@ -97,13 +118,27 @@ def _set_epoch(epoch: int, *things: Any) -> None:
             thing.set_epoch(epoch)
 
 
+def _global_order(
+    dataset: Dataset, sampler: Iterable[int] | None, seed: int, epoch: int
+) -> list[int]:
+    """The epoch's item order over all ranks: the sampler's, or a permutation seeded by
+    (seed, epoch)."""
+    if sampler is not None:
+        if hasattr(sampler, "global_indices"):
+            return list(sampler.global_indices())
+        return list(sampler)
+    return np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
+
+
 def _training_order(
     dataset: Dataset, sampler: Iterable[int] | None, seed: int, epoch: int
 ) -> Iterable[int]:
-    """The epoch's item order: the sampler's, or a permutation seeded by (seed, epoch)."""
-    if sampler is not None:
+    """This rank's item order: the sampler's (a distributed sampler shards itself), or its shard
+    of the global order."""
+    rank, world_size = world()
+    if sampler is not None and (world_size == 1 or hasattr(sampler, "global_indices")):
         return sampler
-    return np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
+    return shard(_global_order(dataset, sampler, seed, epoch), rank, world_size)
 
 
 def _loader(dataset: Dataset, order: Iterable[int] | None, config: TrainingConfig, device):
@@ -132,8 +167,9 @@ def _bag_loss(model: nn.Module, bag: Any, device: torch.device, bf16: bool) -> t
     target = _targets(bag, device)
     with autocast(device, bf16):
         output = model(tiles)
-    if hasattr(model, "training_loss"):
-        return model.training_loss(output, target).float()
+    own = _unwrap(model)
+    if hasattr(own, "training_loss"):
+        return own.training_loss(output, target).float()
     return F.cross_entropy(output.logits.float().reshape(len(target), -1), target)
 
 
@@ -145,8 +181,9 @@ def _train_epoch(
     device: torch.device,
     bar: tqdm,
 ) -> float:
-    """One pass over the training bags; the mean per-bag loss. Gradients of ``grad_accumulation``
-    bags are averaged into one step (a last, shorter group over its own size)."""
+    """One pass over the training bags; the mean per-bag loss (over all ranks). Gradients of
+    ``grad_accumulation`` bags are averaged into one step (a last, shorter group over its own
+    size); under DDP they are synchronised over the ranks only at the step."""
     model.train()
     n, accum = len(loader), config.grad_accumulation
     total = 0.0
@@ -154,15 +191,20 @@ def _train_epoch(
     for i, bag in enumerate(loader):
         group_start = (i // accum) * accum
         group_size = min(accum, n - group_start)
-        loss = _bag_loss(model, bag, device, config.bf16)
-        (loss / group_size).backward()
+        steps = i == group_start + group_size - 1
+        sync = contextlib.nullcontext()
+        if isinstance(model, DistributedDataParallel) and not steps:
+            sync = model.no_sync()
+        with sync:
+            loss = _bag_loss(model, bag, device, config.bf16)
+            (loss / group_size).backward()
         total += float(loss.detach())
-        if i == group_start + group_size - 1:
+        if steps:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
-    return total / max(n, 1)
+    return all_mean(total / max(n, 1), device)
 
 
 def evaluate(
@@ -179,21 +221,26 @@ def evaluate(
 
     With ``class_map`` (outputs x classes, 0/1) the loss stays that of the model's own outputs,
     while the metrics score its probabilities summed into the mapped classes against the mapped
-    labels (a five-class model judged on IHC score or HER2 status).
+    labels (a five-class model judged on IHC score or HER2 status). In a process group each rank
+    scores every ``world_size``-th item and all ranks get the metrics of all items.
     """
     model.eval()
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    y_true, probs, losses = [], [], []
+    rank, world_size = world()
+    indices = list(range(len(dataset)))[rank::world_size]
+    loader = DataLoader(dataset, batch_size=None, sampler=indices, num_workers=num_workers)
+    scored = []
     with torch.inference_mode():
         for bag in loader:
             tiles = bag.tiles.to(device, non_blocking=True)
             target = _targets(bag, device)
             with autocast(device, bf16):
                 logits = model(tiles).logits.float().reshape(len(target), -1)
-            losses.append(float(F.cross_entropy(logits, target, reduction="sum")))
-            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-            y_true.extend(target.tolist())
-    score = np.concatenate(probs)
+            loss = float(F.cross_entropy(logits, target, reduction="sum"))
+            scored.append((target.tolist(), torch.softmax(logits, dim=1).cpu().numpy(), loss))
+    scored = gather_in_order(indices, scored)
+    y_true = [y for item in scored for y in item[0]]
+    losses = [item[2] for item in scored]
+    score = np.concatenate([item[1] for item in scored])
     if class_map is not None:
         y_true = class_map[np.asarray(y_true)].argmax(1).tolist()
         score = score @ class_map
@@ -240,6 +287,7 @@ def _save_resume(
         "stopped_early": state.stopped_early,
         "history": [dict(h) for h in state.history],
         "rng": rng_states(),
+        "world_size": world()[1],
     }
     save_checkpoint(
         path,
@@ -275,6 +323,9 @@ def _load_resume(
         for k, v in now.items()
         if k not in _RESUME_MAY_DIFFER and saved.get(k) != v
     ]
+    saved_world = int(extras.get("world_size", 1))
+    if saved_world != world()[1]:
+        diff.append(f"processes: checkpoint {saved_world}, now {world()[1]}")
     if diff:
         raise CheckpointError(f"{path}: training settings differ: " + "; ".join(diff))
     try:
@@ -298,6 +349,7 @@ def _load_resume(
 def _run_epoch(
     epoch: int,
     model: nn.Module,
+    trainer: nn.Module,
     train_data: Dataset,
     val_data: Dataset,
     sampler: Iterable[int] | None,
@@ -307,15 +359,21 @@ def _run_epoch(
     progress: bool,
     class_map: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Train one epoch on the training bags, then score the validation bags; the epoch's metrics."""
+    """Train one epoch on the training bags (``trainer``: the model or its DDP wrapper), then
+    score the validation bags; the epoch's metrics."""
     _set_epoch(epoch, sampler, train_data, val_data)
+    rank, world_size = world()
+    if world_size > 1:
+        seed_for_rank(config.seed, epoch, rank)
     order = _training_order(train_data, sampler, config.seed, epoch)
     loader = _loader(train_data, order, config, device)
     lr = float(optimizer.param_groups[0]["lr"])
     with tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
-        train_loss = _train_epoch(model, loader, optimizer, config, device, bar)
+        train_loss = _train_epoch(trainer, loader, optimizer, config, device, bar)
     if config.precise_bn_batches:
-        items = (train_data[i] for i in list(order)[: config.precise_bn_batches])
+        # from the global order, so every rank computes the same statistics
+        first = _global_order(train_data, sampler, config.seed, epoch)[: config.precise_bn_batches]
+        items = (train_data[i] for i in first)
         recompute_batch_norm(model, items, lambda m, item: _bag_loss(m, item, device, config.bf16))
     val = evaluate(
         model,
@@ -364,6 +422,11 @@ def train(
         raise ValueError("checkpoint_path needs arch and params (to rebuild the model from it)")
     device = resolve_device(config.device)
     model.to(device)
+    trainer = model
+    if world()[1] > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        # find_unused_parameters: CLAM's instance classifiers of absent classes get no gradient
+        trainer = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -380,6 +443,7 @@ def train(
         metrics = _run_epoch(
             epoch,
             model,
+            trainer,
             train_data,
             val_data,
             sampler,
@@ -394,11 +458,11 @@ def train(
             state, epoch, metrics["val_balanced_accuracy"], model, config.early_stopping_patience
         )
         state.history.append(metrics)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and is_main():
             _save_resume(
                 Path(checkpoint_path), model, optimizer, scheduler, state, config, arch, params
             )
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and is_main():
             on_epoch_end(epoch, dict(metrics))
     return _finish(model, state, config, device)
 

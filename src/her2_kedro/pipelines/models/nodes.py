@@ -7,6 +7,7 @@ inputs its ``input`` kind reads (core images, or the embedding cache), by keywor
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,45 +108,127 @@ def train_model(
     """Train a declared model on the train cores (selected on val); its checkpoint and curve.
 
     Each epoch's loss and validation metrics go to MLflow as metric history; an interrupted run
-    resumes from the resume checkpoint in ``workdir``.
+    resumes from the resume checkpoint in ``workdir``. With ``distributed.nproc_per_node`` or
+    ``nnodes`` above 1 the training runs under ``torchrun`` (:mod:`.torchrun_job`).
     """
-    from her2_kedro.modelling.checkpoints import save_checkpoint
-    from her2_kedro.modelling.torch_study import fit, output_names
-
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
+    if spec.distributed.world_size > 1:
+        path, history = _train_with_torchrun(
+            spec, model, task, tiles, cohorts, table, workdir, sources
+        )
+        return path.read_bytes(), history
     inputs = _inputs(spec, tiles, cohorts, **sources)
+    path, history = fit_and_save(
+        spec,
+        t,
+        table,
+        inputs,
+        workdir,
+        tiles=tiles,
+        run_id=run_id(),
+        on_epoch_end=epoch_logger(f"{spec.name}.{t.name}"),
+    )
+    return path.read_bytes(), history
+
+
+def fit_and_save(
+    spec: TorchModelConfig,
+    t: Task,
+    table: pd.DataFrame,
+    inputs: ModelInputs,
+    workdir: Path,
+    *,
+    tiles: dict[str, Any],
+    run_id: str,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    progress: bool = True,
+) -> tuple[Path, pd.DataFrame]:
+    """Train (resuming from ``workdir``), then write ``workdir/model.pt``: the selected weights
+    with what ``predict`` needs to feed it new cores; its path and the training curve. In a
+    torchrun job every process trains and rank 0 alone writes."""
+    from her2_kedro.modelling.checkpoints import save_checkpoint
+    from her2_kedro.modelling.distributed import is_main
+    from her2_kedro.modelling.torch_study import fit, output_names
+
     fitted, result, params = fit(
         spec,
         table,
         t,
         inputs,
         checkpoint_path=workdir / RESUME_FILE,
-        on_epoch_end=epoch_logger(f"{spec.name}.{t.name}"),
+        on_epoch_end=on_epoch_end,
+        progress=progress,
     )
-    path = save_checkpoint(
-        workdir / "model.pt",
-        fitted,
-        spec.arch,
-        params,
-        class_names=output_names(spec, t),
-        task=t.name,
-        training=spec.training.model_dump(mode="json"),
-        epoch=result.selected_epoch,
-        # how to feed the model new cores (its input kind, bag / image settings, tile rule), and
-        # the MLflow run that trained it (the version `predict` records with each call)
-        extras={"spec": spec.model_dump(mode="json"), "tiles": dict(tiles), "run_id": run_id()},
+    path = workdir / "model.pt"
+    if is_main():
+        save_checkpoint(
+            path,
+            fitted,
+            spec.arch,
+            params,
+            class_names=output_names(spec, t),
+            task=t.name,
+            training=spec.training.model_dump(mode="json"),
+            epoch=result.selected_epoch,
+            # how to feed the model new cores (its input kind, bag / image settings, tile rule),
+            # and the MLflow run that trained it (the version `predict` records with each call)
+            extras={"spec": spec.model_dump(mode="json"), "tiles": dict(tiles), "run_id": run_id},
+        )
+        (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
+        logger.info(
+            "%s / %s: epoch %d kept of %d (validation balanced accuracy %.4f)",
+            spec.name,
+            t.name,
+            result.selected_epoch,
+            len(result.history),
+            result.best_val_balanced_accuracy,
+        )
+    return path, pd.DataFrame(result.history)
+
+
+def _train_with_torchrun(
+    spec: TorchModelConfig,
+    model: dict[str, Any],
+    task: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
+    table: pd.DataFrame,
+    workdir: Path,
+    sources: dict[str, Any],
+) -> tuple[Path, pd.DataFrame]:
+    """Write the job folder, launch torchrun on this machine, and read back rank 0's checkpoint
+    and curve (the other machines of a multi-node job run the logged command themselves)."""
+    import mlflow
+
+    from her2_kedro.modelling.distributed import launch, torchrun_command
+    from her2_kedro.pipelines.models import torchrun_job
+
+    config = spec.distributed
+    job_dir = Path(config.job_dir) if config.job_dir else workdir / "torchrun"
+    torchrun_job.write_job(
+        job_dir,
+        model=model,
+        task=task,
+        tiles=tiles,
+        cohorts=cohorts,
+        table=table,
+        sources=sources,
+        mlflow={"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id()},
     )
-    (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
-    logger.info(
-        "%s / %s: epoch %d kept of %d (validation balanced accuracy %.4f)",
-        spec.name,
-        t.name,
-        result.selected_epoch,
-        len(result.history),
-        result.best_val_balanced_accuracy,
-    )
-    return path.read_bytes(), pd.DataFrame(result.history)
+    command = torchrun_command(config, torchrun_job.MODULE, [str(job_dir.resolve())])
+    if config.nnodes > 1:
+        logger.info(
+            "%s: start the other %d machine(s) with: %s",
+            spec.name,
+            config.nnodes - 1,
+            " ".join(["python", *command[1:]]),
+        )
+    launch(command, job_dir / "torchrun.log")
+    history = pd.read_json(job_dir / "history.json", orient="records")
+    for copied in ("cores", "embeddings"):  # the inputs' copies are no longer needed
+        shutil.rmtree(job_dir / copied, ignore_errors=True)
+    return job_dir / "model.pt", history
 
 
 def evaluate_model(

@@ -1,0 +1,193 @@
+"""Data-parallel training: the sharded five-class sampler, and torchrun over 2 gloo processes
+training the MIL model to the same result as 1 process with the same effective batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from her2_kedro.config import DistributedConfig, TorchModelConfig
+from her2_kedro.modelling.checkpoints import read_checkpoint
+from her2_kedro.modelling.distributed import (
+    DistributedFiveClassSampler,
+    TorchrunError,
+    launch,
+    shard,
+    torchrun_command,
+)
+from her2_kedro.modelling.sampling import FiveClassSampler
+from her2_kedro.pipelines.models import torchrun_job
+from her2_kedro.pipelines.models.nodes import _inputs, _task, fit_and_save
+
+FIVE = ["0", "0", "0", "1", "2-", "2+", "3", "0", "3", "2+", "0"]
+
+
+def test_shards_of_the_five_class_draw_make_the_single_process_draw():
+    world = 3
+    shards = [
+        DistributedFiveClassSampler(FIVE, seed=4, rank=r, world_size=world) for r in range(world)
+    ]
+    total = shards[0].num_samples
+    assert total == 12  # 11 cores rounded up to a multiple of 3
+    single = FiveClassSampler(FIVE, seed=4, num_samples=total)
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        for s in shards:
+            s.set_epoch(epoch)
+        parts = [list(s) for s in shards]
+        assert all(len(p) == total // world == len(s) for p, s in zip(parts, shards, strict=True))
+        merged = [parts[i % world][i // world] for i in range(total)]
+        assert merged == list(single)
+    shards[0].set_epoch(0)
+    first = list(shards[0])
+    shards[0].set_epoch(1)
+    assert list(shards[0]) != first  # fresh draws every epoch
+
+
+def test_shard_pads_to_equal_lengths_and_rejects_a_rank_outside_the_world():
+    assert shard([0, 1, 2, 3, 4], 0, 2) == [0, 2, 4]
+    assert shard([0, 1, 2, 3, 4], 1, 2) == [1, 3, 0]  # wrapped round: as many steps as rank 0
+    with pytest.raises(ValueError, match="outside a world"):
+        DistributedFiveClassSampler(FIVE, rank=2, world_size=2)
+
+
+def test_torchrun_command_is_standalone_on_one_machine_and_uses_the_endpoint_on_several():
+    local = torchrun_command(DistributedConfig(nproc_per_node=2), "pkg.mod", ["job"])
+    assert "--standalone" in local and local[-3:] == ["-m", "pkg.mod", "job"]
+    assert local[local.index("--nproc-per-node") + 1] == "2"
+    multi = torchrun_command(
+        DistributedConfig(nproc_per_node=4, nnodes=2, rdzv_endpoint="10.0.0.1:29400"),
+        "pkg.mod",
+        ["job"],
+    )
+    assert "--standalone" not in multi
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
+    assert multi[multi.index("--nnodes") + 1] == "2"
+
+
+def test_a_failing_launch_names_the_command_and_shows_the_log(tmp_path):
+    command = [
+        "python",
+        "-c",
+        "import sys; print('worker says no'); sys.exit(3)",
+    ]
+    with pytest.raises(TorchrunError, match="exited with 3") as err:
+        launch(command, tmp_path / "run.log")
+    assert "worker says no" in str(err.value)
+
+
+# --- 1 process vs torchrun over 2 processes on a tiny embedding cohort ------------------------
+
+
+def tiny_embedding_cohort(folder: Path, *, n_train: int = 16, n_val: int = 6, dim: int = 8):
+    """A table of train / val cores and their cache entries: positive cores (2+, 3) carry a
+    shifted direction in a few of their tiles, as the morphology cue does."""
+    rng = np.random.default_rng(0)
+    classes = ["0", "1", "2-", "2+", "3"]
+    rows, entries = [], {}
+    for i in range(n_train + n_val):
+        five = classes[i % 5]
+        positive = five in ("2+", "3")
+        n_tiles = int(rng.integers(3, 10))
+        x = rng.normal(size=(n_tiles, dim)).astype(np.float32)
+        if positive:
+            x[: max(1, n_tiles // 3), :3] += 2.5
+        key = f"k{i:03d}"
+        entries[key] = {"embeddings": x, "coords": np.zeros((n_tiles, 2), dtype=np.int64)}
+        rows.append(
+            {
+                "core_id": f"c{i:03d}",
+                "image": f"c{i:03d}.jpg",
+                "split": "train" if i < n_train else "val",
+                "cohort": "main",
+                "five_class": five,
+                "five_class_index": classes.index(five),
+                "y": int(positive),
+                "her2_status": int(positive),
+                "n_tiles": n_tiles,
+                "key": key,
+            }
+        )
+    table = pd.DataFrame(rows)
+    index = table[["core_id", "key", "n_tiles"]]
+    loaders = {f"{k}.npz": (lambda e=e: e) for k, e in entries.items()}
+    return table.drop(columns="key"), index, loaders
+
+
+def mil_spec(*, accumulation: int, nproc: int) -> dict:
+    return TorchModelConfig(
+        name="mil_cached",
+        input="embeddings",
+        arch="attention_mil",
+        params={"hidden_dim": 16, "dropout": 0.0},
+        training={
+            "lr": 5e-3,
+            "max_epochs": 4,
+            "plateau_patience": 10,
+            "early_stopping_patience": None,
+            "device": "cpu",
+            "grad_accumulation": accumulation,
+            "seed": 3,
+        },
+        distributed={"nproc_per_node": nproc, "backend": "gloo"},
+    ).model_dump(mode="json")
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_processes_trains_as_one_process_with_the_same_effective_batch(tmp_path):
+    table, index, loaders = tiny_embedding_cohort(tmp_path)
+    task = {"name": "her2_status", "target": "her2_status"}
+    tiles = {}
+    sources = {"tile_embeddings": loaders, "embedding_index": index}
+
+    # one process, two bags per optimiser step
+    one = TorchModelConfig.model_validate(mil_spec(accumulation=2, nproc=1))
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    path, single_history = fit_and_save(
+        one,
+        _task(task),
+        table,
+        _inputs(one, tiles, {}, **sources),
+        single_dir,
+        tiles=tiles,
+        run_id="",
+        on_epoch_end=None,
+        progress=False,
+    )
+    single = read_checkpoint(path)
+
+    # two gloo processes under torchrun, one bag each per step
+    job_dir = torchrun_job.write_job(
+        tmp_path / "job",
+        model=mil_spec(accumulation=1, nproc=2),
+        task=task,
+        tiles=tiles,
+        cohorts={},
+        table=table,
+        sources=sources,
+        mlflow={},
+    )
+    spec = TorchModelConfig.model_validate(mil_spec(accumulation=1, nproc=2))
+    command = torchrun_command(spec.distributed, torchrun_job.MODULE, [str(job_dir)])
+    launch(command, job_dir / "torchrun.log", env={"OMP_NUM_THREADS": "1"})
+    ddp = read_checkpoint(job_dir / "model.pt")
+    ddp_history = pd.DataFrame(json.loads((job_dir / "history.json").read_text()))
+
+    assert len(ddp_history) == len(single_history) == 4
+    np.testing.assert_allclose(ddp_history["train_loss"], single_history["train_loss"], atol=1e-5)
+    np.testing.assert_allclose(ddp_history["val_loss"], single_history["val_loss"], atol=1e-5)
+    np.testing.assert_array_equal(
+        ddp_history["val_balanced_accuracy"], single_history["val_balanced_accuracy"]
+    )
+    assert ddp["meta"]["epoch"] == single["meta"]["epoch"]
+    for name, weight in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], weight, atol=1e-5, rtol=1e-4)
+    # the model learnt something (not two identical untrained copies)
+    assert single_history["train_loss"].iloc[-1] < single_history["train_loss"].iloc[0]
+    assert not (job_dir / "resume.pt").exists()  # a finished job leaves no resume checkpoint
