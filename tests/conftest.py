@@ -27,8 +27,10 @@ def _rebase(config: Any, data_root: Path) -> Any:
         return {k: _rebase(v, data_root) for k, v in config.items()}
     if isinstance(config, list):
         return [_rebase(v, data_root) for v in config]
-    if isinstance(config, str) and config.startswith("data/"):
-        return str(data_root / config.removeprefix("data/"))
+    if isinstance(config, str):
+        for prefix in ("${globals:data_root}/", "data/"):
+            if config.startswith(prefix):
+                return str(data_root / config.removeprefix(prefix))
     return config
 
 

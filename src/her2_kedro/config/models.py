@@ -35,6 +35,12 @@ class EncoderConfig(Strict):
     step). Tiles are read as ``bag`` says (``bag.input_size`` is also the embedding input size).
     ``prune_stale_embeddings``: delete cache entries no current core uses (an earlier encoder's,
     or removed cores'); inference-only settings do not change which encoder is trained.
+    ``device_preprocessing``: ``auto`` decodes (nvJPEG), normalises, tiles and embeds cores on the
+    GPU when training runs on CUDA, reading overlapped with computing
+    (:mod:`her2_kedro.features.device_embedding`; bf16 entries get their own cache keys);
+    ``always`` takes the same torch path on the CPU too, ``never`` the numpy path everywhere.
+    ``compile_trunk``: ``torch.compile`` the trunk on that path.
+    ``distributed``: train the encoder with ``torchrun`` over several processes, GPUs or machines.
     """
 
     name: str = "resnet18"  # learns most per CPU minute (benchmarks/encoder_budget.py)
@@ -53,10 +59,20 @@ class EncoderConfig(Strict):
     embedding_batch_size: int = Field(128, ge=1)
     channels_last: bool = True
     prune_stale_embeddings: bool = True
+    device_preprocessing: Literal["auto", "always", "never"] = "auto"
+    compile_trunk: bool = False
+    distributed: DistributedConfig = DistributedConfig()
 
-    #: Fields that change how embeddings are computed or kept, not the trained encoder.
+    #: Fields that change how the work is run or embeddings are kept, not the trained encoder
+    #: (a finished encoder is reused whatever they are).
     INFERENCE_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"embedding_batch_size", "prune_stale_embeddings"}
+        {
+            "embedding_batch_size",
+            "prune_stale_embeddings",
+            "device_preprocessing",
+            "compile_trunk",
+            "distributed",
+        }
     )
 
 

@@ -5,6 +5,7 @@ torch is imported inside the nodes, so building the pipeline registry stays chea
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ def _encoder_spec(encoder: EncoderConfig) -> TorchModelConfig:
         encoder_weights=encoder.weights,
         bag=encoder.bag,
         training=encoder.training,
+        distributed=encoder.distributed,
     )
 
 
@@ -83,24 +85,30 @@ def train_encoder(
     if config.train:
         for p in problems:
             logger.warning("Encoder training: %s %s", p.core_id, p.reason)
-        inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
-        model, result, _ = fit(
-            _encoder_spec(config),
-            table,
-            target_task,
-            inputs,
-            checkpoint_path=workdir / RESUME_FILE,
-            on_epoch_end=epoch_logger(f"encoder.{config.target}"),
-        )
-        trunk = model.encoder
-        history = pd.DataFrame(result.history)
-        logger.info(
-            "Encoder %s trained on %s: epoch %d kept (validation balanced accuracy %.4f)",
-            config.name,
-            config.target,
-            result.selected_epoch,
-            result.best_val_balanced_accuracy,
-        )
+        spec = _encoder_spec(config)
+        if config.distributed.world_size > 1:
+            trunk, history = _train_with_torchrun(
+                spec, target_task, table, accepted_cores, reference_stains, tiles, cohorts, workdir
+            )
+        else:
+            inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
+            model, result, _ = fit(
+                spec,
+                table,
+                target_task,
+                inputs,
+                checkpoint_path=workdir / RESUME_FILE,
+                on_epoch_end=epoch_logger(f"encoder.{config.target}"),
+            )
+            trunk = model.encoder
+            history = pd.DataFrame(result.history)
+            logger.info(
+                "Encoder %s trained on %s: epoch %d kept (validation balanced accuracy %.4f)",
+                config.name,
+                config.target,
+                result.selected_epoch,
+                result.best_val_balanced_accuracy,
+            )
     else:
         trunk, _ = build_encoder(config.name, config.weights)
     path = save_checkpoint(
@@ -121,6 +129,33 @@ def train_encoder(
     data = path.read_bytes()
     (workdir / RESUME_FILE).unlink(missing_ok=True)  # finished: a rerun trains afresh
     return data, history
+
+
+def _train_with_torchrun(
+    spec: TorchModelConfig,
+    task: Any,
+    table: pd.DataFrame,
+    accepted_cores: Cores,
+    reference_stains: dict[str, Any],
+    tiles: dict[str, Any],
+    cohorts: dict[str, Any],
+    workdir: Path,
+) -> tuple[Any, pd.DataFrame]:
+    """The encoder's training under torchrun (as a model's, :mod:`..models.torchrun_job`): the
+    trained trunk and the curve."""
+    from her2_kedro.modelling.checkpoints import load_checkpoint
+    from her2_kedro.pipelines.models.torchrun_job import train_with_torchrun
+
+    path, history = train_with_torchrun(
+        spec,
+        {"name": task.name, "target": task.target},
+        tiles,
+        cohorts,
+        table,
+        {"accepted_cores": accepted_cores, "reference_stains": reference_stains},
+        workdir,
+    )
+    return load_checkpoint(path, expected_arch=spec.arch).model.encoder, history
 
 
 def _fingerprint(
@@ -178,9 +213,13 @@ def _embedding_settings(
     cohort: str,
     reference: Mapping[str, Any] | None,
     normalised,
+    compute: str | None = None,
 ) -> dict[str, Any]:
-    """What changes the pixels the encoder sees, beside the core and the encoder themselves."""
+    """What changes the pixels the encoder sees, beside the core and the encoder themselves
+    (and ``compute``: the arithmetic where it moves the embeddings, e.g. bf16 on the GPU)."""
     settings = {"tiles": rule.model_dump(), "input_size": config.bag.input_size}
+    if compute:
+        settings["compute"] = compute
     if cohort in set(normalised) and reference:
         source = (reference.get("sources") or {}).get(cohort, {})
         settings["stain_reference"] = {
@@ -190,6 +229,23 @@ def _embedding_settings(
         if "dab_scale" in source:  # only then: entries made without a cohort factor stay valid
             settings["stain_reference"]["dab_scale"] = source["dab_scale"]
     return settings
+
+
+class _InOrder:
+    """Cache entries from one generator of ``(core_id, entry)``, handed out by core id: the
+    cache saves lazily, one entry at a time, in the order the entries were declared, so one
+    overlapped stream serves them all (entries asked for out of order are buffered)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.stream, self.ready = make, None, {}
+
+    def get(self, core_id: str) -> dict:
+        if self.stream is None:
+            self.stream = self.make()
+        while core_id not in self.ready:
+            found, entry = next(self.stream)
+            self.ready[found] = entry
+        return self.ready.pop(core_id)
 
 
 def _report_stale(cache: Mapping[str, Path], current: set[str], *, prune: bool) -> None:
@@ -242,11 +298,18 @@ def embed_cores(
     has_tiles = set(tile_index["core_id"])
     existing = {Path(name).stem for name in embedding_cache}
     rows = [r for r in core_manifest.to_dict("records") if r["core_id"] in has_tiles]
+    device = resolve_device(config.training.device)
+    on_device = config.device_preprocessing == "always" or (
+        config.device_preprocessing == "auto" and device.type == "cuda"
+    )
+    compute = "cuda-bf16" if on_device and device.type == "cuda" and config.training.bf16 else None
     keys = {
         r["core_id"]: embedding_key(
             r["content_hash"],
             encoder_sha,
-            _embedding_settings(config, inputs.rule, r["cohort"], reference_stains, normalised),
+            _embedding_settings(
+                config, inputs.rule, r["cohort"], reference_stains, normalised, compute
+            ),
         )
         for r in rows
     }
@@ -259,7 +322,6 @@ def embed_cores(
         len(todo),
         encoder_sha[:12],
     )
-    device = resolve_device(config.training.device)
     state: dict[str, Any] = {}
 
     def trunk() -> torch.nn.Module:  # loaded on the first entry actually computed
@@ -268,13 +330,43 @@ def embed_cores(
             if config.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             state["trunk"] = model.to(device)
+            if on_device and config.compile_trunk:
+                state["trunk"] = torch.compile(state["trunk"], dynamic=True)
         return state["trunk"]
+
+    def device_stream():  # every core to compute, decoded and embedded on the GPU, in order
+        from her2_kedro.features.device_embedding import (
+            cohort_device_normaliser,
+            embed_cores_on_device,
+        )
+
+        transform = cohort_device_normaliser(
+            reference_stains, normalised, inputs.rule.background_grey
+        )
+        normalisers = {}
+        if transform is not None:
+            normalisers = {r["core_id"]: functools.partial(transform, r) for r in todo}
+        return embed_cores_on_device(
+            trunk(),
+            [(r["core_id"], inputs.cores[r["image"]]) for r in todo],
+            inputs.rule,
+            config.bag.input_size,
+            normalisers=normalisers,
+            batch_size=config.embedding_batch_size,
+            device=device,
+            bf16=config.training.bf16,
+            channels_last=config.channels_last,
+        )
+
+    streamed = _InOrder(device_stream)
 
     def compute(row: dict) -> Callable[[], dict]:
         def entry() -> dict:
             if "bar" not in state:  # the cache computes entries as it saves them
                 state["bar"] = tqdm(total=len(todo), desc="embedding cores", unit="core")
             state["bar"].update(1)
+            if on_device:
+                return streamed.get(row["core_id"])
             rgb = decode_rgb(inputs.cores[row["image"]]())
             if inputs.transform is not None:
                 rgb = inputs.transform(row, rgb)

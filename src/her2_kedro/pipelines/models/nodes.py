@@ -7,7 +7,6 @@ inputs its ``input`` kind reads (core images, or the embedding cache), by keywor
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,9 +113,9 @@ def train_model(
     spec = TorchModelConfig.model_validate(model)
     t = _task(task)
     if spec.distributed.world_size > 1:
-        path, history = _train_with_torchrun(
-            spec, model, task, tiles, cohorts, table, workdir, sources
-        )
+        from her2_kedro.pipelines.models.torchrun_job import train_with_torchrun
+
+        path, history = train_with_torchrun(spec, task, tiles, cohorts, table, sources, workdir)
         return path.read_bytes(), history
     inputs = _inputs(spec, tiles, cohorts, **sources)
     path, history = fit_and_save(
@@ -185,50 +184,6 @@ def fit_and_save(
             result.best_val_balanced_accuracy,
         )
     return path, pd.DataFrame(result.history)
-
-
-def _train_with_torchrun(
-    spec: TorchModelConfig,
-    model: dict[str, Any],
-    task: dict[str, Any],
-    tiles: dict[str, Any],
-    cohorts: dict[str, Any],
-    table: pd.DataFrame,
-    workdir: Path,
-    sources: dict[str, Any],
-) -> tuple[Path, pd.DataFrame]:
-    """Write the job folder, launch torchrun on this machine, and read back rank 0's checkpoint
-    and curve (the other machines of a multi-node job run the logged command themselves)."""
-    import mlflow
-
-    from her2_kedro.modelling.distributed import launch, torchrun_command
-    from her2_kedro.pipelines.models import torchrun_job
-
-    config = spec.distributed
-    job_dir = Path(config.job_dir) if config.job_dir else workdir / "torchrun"
-    torchrun_job.write_job(
-        job_dir,
-        model=model,
-        task=task,
-        tiles=tiles,
-        cohorts=cohorts,
-        table=table,
-        sources=sources,
-        mlflow={"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id()},
-    )
-    command = torchrun_command(config, torchrun_job.MODULE, [str(job_dir.resolve())])
-    if config.nnodes > 1:
-        logger.info(
-            "%s: start the other %d machine(s) with: %s",
-            spec.name,
-            config.nnodes - 1,
-            " ".join(["python", *command[1:]]),
-        )
-    launch(command, job_dir / "torchrun.log")
-    history = pd.read_json(job_dir / "history.json", orient="records")
-    for copied in ("cores", "embeddings"):  # the inputs' copies are no longer needed
-        shutil.rmtree(job_dir / copied, ignore_errors=True)
-    return job_dir / "model.pt", history
 
 
 def evaluate_model(

@@ -164,13 +164,67 @@ def mlflow_epoch_logger(prefix: str, mlflow_info: Mapping[str, str]):
     return log
 
 
+def train_with_torchrun(
+    spec: Any,
+    task: Mapping[str, Any],
+    tiles: Mapping[str, Any],
+    cohorts: Mapping[str, Any],
+    table: pd.DataFrame,
+    sources: Mapping[str, Any],
+    workdir: Path,
+) -> tuple[Path, pd.DataFrame]:
+    """Train the declared model (a ``TorchModelConfig``) under torchrun on this machine: write
+    the job folder, launch, and return rank 0's checkpoint and curve. The other machines of a
+    multi-node job run the logged command themselves."""
+    import mlflow
+
+    from her2_kedro.modelling.distributed import launch, torchrun_command
+    from her2_kedro.pipelines.common import run_id
+
+    config = spec.distributed
+    job_dir = Path(config.job_dir) if config.job_dir else workdir / "torchrun"
+    write_job(
+        job_dir,
+        model=spec.model_dump(mode="json"),
+        task=task,
+        tiles=tiles,
+        cohorts=cohorts,
+        table=table,
+        sources=sources,
+        mlflow={"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id()},
+    )
+    command = torchrun_command(config, MODULE, [str(job_dir.resolve())])
+    if config.nnodes > 1:
+        logger.info(
+            "%s: start the other %d machine(s) with: %s",
+            spec.name,
+            config.nnodes - 1,
+            " ".join(["python", *command[1:]]),
+        )
+    launch(command, job_dir / "torchrun.log")
+    history = pd.read_json(job_dir / "history.json", orient="records")
+    for copied in ("cores", "embeddings"):  # the inputs' copies are no longer needed
+        shutil.rmtree(job_dir / copied, ignore_errors=True)
+    return job_dir / "model.pt", history
+
+
+def _resolve_task(task: Mapping[str, Any]):
+    """The study task a job names (the encoder's five-class target included)."""
+    from her2_kedro.modelling.torch_study import FIVE_CLASS_TASK
+    from her2_kedro.pipelines.models.nodes import _task
+
+    if task.get("name") == FIVE_CLASS_TASK.name:
+        return FIVE_CLASS_TASK
+    return _task(dict(task))
+
+
 def run(job_dir: Path) -> None:
     """One torchrun process: join the group, train on this rank's shard, rank 0 saves."""
     import torch.distributed as dist
 
     from her2_kedro.config import TorchModelConfig
     from her2_kedro.modelling.distributed import init_process_group, is_main
-    from her2_kedro.pipelines.models.nodes import _inputs, _task, fit_and_save
+    from her2_kedro.pipelines.models.nodes import _inputs, fit_and_save
 
     job = json.loads((job_dir / JOB_FILE).read_text())
     spec = TorchModelConfig.model_validate(job["model"])
@@ -179,7 +233,7 @@ def run(job_dir: Path) -> None:
         update={"training": spec.training.model_copy(update={"device": str(device)})}
     )
     try:
-        task = _task(job["task"])
+        task = _resolve_task(job["task"])
         table = pd.read_parquet(job_dir / "table.parquet")
         inputs = _inputs(spec, job["tiles"], job["cohorts"], **read_sources(job_dir, job))
         logger_fn = mlflow_epoch_logger(f"{spec.name}.{task.name}", job["mlflow"])
