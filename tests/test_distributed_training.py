@@ -3,6 +3,7 @@ training the MIL model to the same result as 1 process with the same effective b
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from her2_kedro.config import DistributedConfig, TorchModelConfig
+from her2_kedro.config import DistributedConfig, TileConfig, TorchModelConfig
 from her2_kedro.modelling.checkpoints import read_checkpoint
 from her2_kedro.modelling.distributed import (
     DistributedFiveClassSampler,
@@ -24,6 +25,7 @@ from her2_kedro.modelling.sampling import FiveClassSampler
 from her2_kedro.pipelines.models import torchrun_job
 from her2_kedro.pipelines.models.nodes import _inputs, _task, fit_and_save
 
+RULE = TileConfig(tile_size=32, stride=32)
 FIVE = ["0", "0", "0", "1", "2-", "2+", "3", "0", "3", "2+", "0"]
 
 
@@ -191,3 +193,81 @@ def test_torchrun_on_two_processes_trains_as_one_process_with_the_same_effective
     # the model learnt something (not two identical untrained copies)
     assert single_history["train_loss"].iloc[-1] < single_history["train_loss"].iloc[0]
     assert not (job_dir / "resume.pt").exists()  # a finished job leaves no resume checkpoint
+
+
+@pytest.mark.slow
+def test_the_encoder_trains_under_torchrun_as_in_one_process(tmp_path):
+    """The features pipeline's encoder (a tile classifier over batches of cores' tiles, with
+    BatchNorm) under torchrun on 2 processes, against 1 process with twice the accumulation."""
+    from her2_kedro.imaging.pixels import encode_jpeg
+    from her2_kedro.modelling.bags import bag_tiles
+    from her2_kedro.pipelines.features.nodes import train_encoder
+    from tests.conftest import fake_core
+
+    five = ["0", "1", "2-", "2+", "3", "0", "3", "2+", "0", "1"]
+    splits = ["train"] * 8 + ["val"] * 2
+    rows, loaders, tiles = [], {}, []
+    for i, (label, split) in enumerate(zip(five, splits, strict=True)):
+        rgb = fake_core(160, 120, 20, source=25 * i)
+        image = f"c{i}.jpg"
+        data = encode_jpeg(rgb, 90)
+        loaders[image] = functools.partial(bytes, data)
+        tiles.append(bag_tiles(rgb, f"c{i}", RULE))
+        rows.append(
+            {
+                "core_id": f"c{i}",
+                "image": image,
+                "patient_id": f"p{i}",
+                "split": split,
+                "cohort": "main",
+                "five_class": label,
+                "ihc_score": {"0": 0, "1": 1, "2-": 2, "2+": 2, "3": 3}[label],
+                "her2_status": int(label in ("2+", "3")),
+                "content_hash": f"{i:064x}",
+            }
+        )
+    manifest, tile_index = pd.DataFrame(rows), pd.concat(tiles, ignore_index=True)
+
+    def encoder(accumulation: int, nproc: int) -> dict:
+        return {
+            "name": "resnet18",
+            "train": True,
+            "method": "tile_classifier",
+            "bag": {"input_size": 16, "max_tiles": 4, "cores_per_batch": 2},
+            "training": {
+                "max_epochs": 2,
+                "early_stopping_patience": None,
+                "precise_bn_batches": 2,
+                "device": "cpu",
+                "grad_accumulation": accumulation,
+                "selection": "last",
+            },
+            "distributed": {"nproc_per_node": nproc, "backend": "gloo"},
+        }
+
+    outputs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: convolution sums in the same order
+    try:
+        for label, accumulation, nproc in (("single", 2, 1), ("torchrun", 1, 2)):
+            workdir = tmp_path / label
+            workdir.mkdir()
+            _, history = train_encoder(
+                manifest,
+                tile_index,
+                loaders,
+                {},
+                encoder(accumulation, nproc),
+                RULE.model_dump(),
+                {},
+                workdir,
+            )
+            outputs[label] = (read_checkpoint(workdir / "encoder.pt"), history)
+    finally:
+        torch.set_num_threads(threads)
+    (single, h1), (ddp, h2) = outputs.values()
+    assert len(h1) == len(h2) == 2
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], atol=1e-4)
+    np.testing.assert_allclose(h2["val_loss"], h1["val_loss"], atol=1e-4)
+    for name, weight in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], weight, atol=1e-4, rtol=1e-3)
