@@ -1,9 +1,11 @@
 """Preprocessing of accepted cores: stain normalisation where asked, tile index and intensity features.
 
 Every core is decoded once and measured in the same pass (tile index, DAB, intensity features),
-on ``workers`` threads (decoding, hashing and the numpy work release the GIL). Its pixels are hashed
-on the way and compared with the manifest's ``content_hash``, so a manifest loaded from an old
-version never silently meets core files that changed since.
+on ``workers`` threads (decoding, hashing and the numpy work release the GIL) or, when the node
+runs on a Dask cluster (``her2_kedro.runners.DaskRunner``), as one task per core on the cluster's
+workers (:func:`her2_kedro.parallel.map_cores`: the same results, in the same order). Its pixels
+are hashed on the way and compared with the manifest's ``content_hash``, so a manifest loaded
+from an old version never silently meets core files that changed since.
 
 Stain normalisation runs only where some cohort of the manifest is marked for it: the reference
 (Macenko vectors pooled over the most tissue-rich tiles of training cores of the other cohorts) is
@@ -18,14 +20,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from her2_kedro.config.preprocessing import PreprocessingParams, StainNormalisationConfig
 from her2_kedro.config.shared import TileConfig
@@ -40,6 +41,7 @@ from her2_kedro.imaging.stain_vectors import (
     estimate_stain_vectors,
 )
 from her2_kedro.imaging.tiling import read_tile, tile_index
+from her2_kedro.parallel import map_cores
 from her2_kedro.schema import QCProblem
 
 logger = logging.getLogger(__name__)
@@ -137,7 +139,8 @@ class _Job:
 
 
 class _Runner:
-    """Decodes, checks and measures cores on a thread pool (``workers`` = 1: in this thread)."""
+    """Decodes, checks and measures cores on a thread pool (``workers`` = 1: in this thread), or
+    one task per core on the Dask cluster the node runs on (see :func:`map_cores`)."""
 
     def __init__(self, cores, rule: TileConfig, params: PreprocessingParams, workers: int):
         self.cores, self.rule, self.params, self.workers = cores, rule, params, workers
@@ -145,51 +148,61 @@ class _Runner:
         self.matrix = None if name == "skimage_hed" else stain_matrix(name)
 
     def run(self, rows: pd.DataFrame, jobs: Sequence[_Job], desc: str) -> list[CoreOutcome]:
-        pairs = list(zip(rows.to_dict("records"), jobs, strict=True))
-        if not pairs:
-            return []
+        # each item carries its core's loader (a catalog dataset's load: picklable, read where
+        # the item runs) rather than the whole mapping of cores
+        items = [
+            (row, job, self.cores[row["image"]])
+            for row, job in zip(rows.to_dict("records"), jobs, strict=True)
+        ]
+        measure = partial(measure_core, rule=self.rule, params=self.params, matrix=self.matrix)
+        return map_cores(measure, items, desc=desc, threads=self.workers)
 
-        def one(pair):
-            return self._core(*pair)
 
-        bar = dict(total=len(pairs), desc=desc, unit="core")
-        if self.workers <= 1 or len(pairs) == 1:
-            return [one(p) for p in tqdm(pairs, **bar)]
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(tqdm(pool.map(one, pairs), **bar))
+def measure_core(
+    item: tuple[dict, _Job, Loader],
+    *,
+    rule: TileConfig,
+    params: PreprocessingParams,
+    matrix: np.ndarray | None,
+) -> CoreOutcome:
+    """One pass over one core: decode, sample tiles, check its hash, normalise, measure.
 
-    def _core(self, row: dict, job: _Job) -> CoreOutcome:
-        out = CoreOutcome(row["core_id"])
-        rgb = decode_rgb(self.cores[row["image"]]())
-        if job.sample_tiles:
-            out.sample = richest_tiles(rgb, self.rule, job.sample_tiles)
-        if not job.measure:
-            return out
-        expected = row.get("content_hash")
-        out.changed = bool(expected) and content_hash(rgb) != expected
-        normalised = False
-        if job.target is not None:
-            try:
-                after = normalise(
-                    rgb,
-                    job.source,
-                    job.target,
-                    self.rule.background_grey,
-                    dab_scale=job.dab_scale,
-                )
-            except StainEstimationError as err:
-                out.problems.append(_problem(row, f"stain normalisation skipped: {err}"))
-            else:
-                if job.preview:
-                    out.preview = _preview_pair(rgb, after, self.rule)
-                rgb, normalised = after, True
-        dab = dab_channel(rgb, self.matrix)
-        thresholds = self.params.intensity_thresholds
-        out.tiles, features = core_features(rgb, out.core_id, self.rule, thresholds, dab=dab)
-        if out.tiles.empty:
-            out.problems.append(_problem(row, "no tissue tile: features undefined"))
-        out.features = {**features, "normalised": normalised}
+    ``item`` is the manifest row, what to do with the core, and the loader of its bytes;
+    ``matrix`` is the stain matrix of ``params.stain_matrix`` (None: scikit-image's rgb2hed).
+    A module-level function of plain data, so that it runs on any worker of a cluster.
+    """
+    row, job, load = item
+    out = CoreOutcome(row["core_id"])
+    rgb = decode_rgb(load())
+    if job.sample_tiles:
+        out.sample = richest_tiles(rgb, rule, job.sample_tiles)
+    if not job.measure:
         return out
+    expected = row.get("content_hash")
+    out.changed = bool(expected) and content_hash(rgb) != expected
+    normalised = False
+    if job.target is not None:
+        try:
+            after = normalise(
+                rgb,
+                job.source,
+                job.target,
+                rule.background_grey,
+                dab_scale=job.dab_scale,
+            )
+        except StainEstimationError as err:
+            out.problems.append(_problem(row, f"stain normalisation skipped: {err}"))
+        else:
+            if job.preview:
+                out.preview = _preview_pair(rgb, after, rule)
+            rgb, normalised = after, True
+    dab = dab_channel(rgb, matrix)
+    thresholds = params.intensity_thresholds
+    out.tiles, features = core_features(rgb, out.core_id, rule, thresholds, dab=dab)
+    if out.tiles.empty:
+        out.problems.append(_problem(row, "no tissue tile: features undefined"))
+    out.features = {**features, "normalised": normalised}
+    return out
 
 
 def _problem(row: dict, reason: str) -> QCProblem:

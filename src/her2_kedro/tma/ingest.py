@@ -4,6 +4,11 @@ Two sources feed one manifest. A cores folder with ``labels.csv`` (the paper's f
 slides with ``slide_map.csv``. Every problem becomes one QC row naming the file and the reason; every
 other input goes on. Core images are not held in memory: accepted cores are written later through
 callables that re-read (folder) or hold the already-encoded bytes (dearrayed cores).
+
+The per-input work (decode-checking each core file, dearraying each slide, extracting each slide's
+cores) goes through :func:`her2_kedro.parallel.map_cores`: a plain loop, or one task per core or
+slide when the node runs on a Dask cluster. The verdicts come back in input order and a bad input
+is a QC problem either way, so the records, problems and payloads are the same.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tqdm.auto import tqdm
 from her2_kedro.config.ingestion import DearrayConfig, ImageChecks
 from her2_kedro.config.shared import TileConfig
 from her2_kedro.imaging.pixels import encode_jpeg, encode_png
+from her2_kedro.parallel import map_cores
 from her2_kedro.schema import DEFAULT_COHORT, MANIFEST_COLUMNS, QCProblem
 from her2_kedro.tma.dearray import (
     DearrayResult,
@@ -103,6 +109,15 @@ def check_file(path: Path, name: str, checks: ImageChecks, tiles: TileConfig) ->
     return check_image(data, name, checks, tiles)
 
 
+def file_verdict(item: tuple[Path, str], *, checks: ImageChecks, tiles: TileConfig) -> CheckedImage:
+    """:func:`check_file` of ``(path, name)`` without the decoded pixels (only the verdict, size,
+    format and hash are used, and they are what travels back from a cluster's worker)."""
+    path, name = item
+    checked = check_file(path, name, checks, tiles)
+    checked.rgb = None
+    return checked
+
+
 def _without_table(
     table: str, error: str | None, unlabelled: list[tuple[str, str]], what: str = "file"
 ) -> list[QCProblem]:
@@ -150,16 +165,25 @@ def ingest_core_folder(
         return SourceResult(_frame([]), _without_table("labels.csv", labels_error, unlabelled))
 
     check = check_label_table(labels, "labels.csv", set(files))
-    verdicts = {
-        name: check_file(files[name], name, checks, tiles) for name in sorted(check.label_rejected)
-    }
+    verdict = partial(file_verdict, checks=checks, tiles=tiles)
+    rejected = sorted(check.label_rejected)
+    verdicts = dict(
+        zip(
+            rejected,
+            map_cores(verdict, [(files[n], n) for n in rejected], desc="checking rejected cores"),
+            strict=True,
+        )
+    )
     problems.extend(_with_image_verdict(check.problems, set(check.label_rejected), verdicts))
     records: list[dict] = []
     payloads: Payloads = {}
-    for row in tqdm(check.clean.to_dict("records"), desc="checking cores", unit="core"):
+    rows = check.clean.to_dict("records")
+    checks_of_rows = map_cores(
+        verdict, [(files[row["filename"]], row["filename"]) for row in rows], desc="checking cores"
+    )
+    for row, checked in zip(rows, checks_of_rows, strict=True):
         name = row["filename"]
         path = files[name]
-        checked = check_file(path, name, checks, tiles)
         if not checked.ok:
             problems.append(QCProblem(source, name, checked.reason))
             continue
@@ -171,7 +195,6 @@ def ingest_core_folder(
             image = f"{core_id}.{_EXTENSIONS.get(checked.format, 'png')}"
             payloads[image] = path.read_bytes
         records.append(_record(row, core_id, source, checked, image))
-        checked.rgb = None
     return SourceResult(_frame(records), problems, payloads)
 
 
@@ -216,6 +239,24 @@ def _dearray_one(
         for reason, x, y in result.rejected
     ]
     return result, problems
+
+
+def _dearray_item(
+    item: tuple[Path, str, list[str]], *, dearray: DearrayConfig, tiles: TileConfig
+) -> tuple[DearrayResult | None, list[QCProblem]]:
+    path, source, map_labels = item
+    return _dearray_one(path, source, dearray, tiles, map_labels)
+
+
+def _extract_item(
+    item: tuple[str, Path, pd.DataFrame, Mapping[str, object]],
+    *,
+    dearray: DearrayConfig,
+    checks: ImageChecks,
+    tiles: TileConfig,
+) -> SourceResult:
+    name, path, rows, cores = item
+    return _extract_slide(name, path, rows, cores, dearray, checks, tiles)
 
 
 def _extract_slide(
@@ -285,10 +326,13 @@ def ingest_slides(
     problems: list[QCProblem] = []
     map_labels = map_labels_by_slide(slide_map, list(files))
     found: dict[str, dict[str, object]] = {}  # slide file name → {grid label: GridCore}
-    for name, path in tqdm(files.items(), desc="dearraying slides", unit="slide"):
-        result, slide_problems = _dearray_one(
-            path, f"slides/{name}", dearray, tiles, map_labels.get(name, [])
-        )
+    dearrayed = map_cores(
+        partial(_dearray_item, dearray=dearray, tiles=tiles),
+        [(path, f"slides/{name}", map_labels.get(name, [])) for name, path in files.items()],
+        desc="dearraying slides",
+        unit="slide",
+    )
+    for name, (result, slide_problems) in zip(files, dearrayed, strict=True):
         problems += slide_problems
         if result is not None:
             found[name] = {core.label: core for core in result.cores}
@@ -311,10 +355,15 @@ def ingest_slides(
         expected=f"a grid label of ingestion.dearray's row and column labels, e.g. {example!r}",
     )
     problems.extend(map_problems)
-    parts = [
-        _extract_slide(name, files[name], rows, found[name], dearray, checks, tiles)
-        for name, rows in clean.groupby("slide", sort=True)
-    ]
+    parts = map_cores(
+        partial(_extract_item, dearray=dearray, checks=checks, tiles=tiles),
+        [
+            (name, files[name], rows, found[name])
+            for name, rows in clean.groupby("slide", sort=True)
+        ],
+        desc="extracting slides",
+        unit="slide",
+    )
     records = [p.records for p in parts if not p.records.empty]
     payloads = {k: v for p in parts for k, v in p.payloads.items()}
     problems += [q for p in parts for q in p.problems]
