@@ -110,6 +110,9 @@ def train_encoder(
                 result.best_val_balanced_accuracy,
             )
     else:
+        from her2_kedro.modelling.reproducibility import seed_everything
+
+        seed_everything(config.training.seed)  # a random trunk is the same on every rerun
         trunk, _ = build_encoder(config.name, config.weights)
     path = save_checkpoint(
         workdir / "encoder.pt",
@@ -229,6 +232,67 @@ def _embedding_settings(
         if "dab_scale" in source:  # only then: entries made without a cohort factor stay valid
             settings["stain_reference"]["dab_scale"] = source["dab_scale"]
     return settings
+
+
+#: Cores embedded per round on a Dask cluster (bounds the entries held before they are saved).
+CLUSTER_CHUNK = 256
+
+
+def _cluster_in_use() -> bool:
+    """Whether per-core work fans out to a Dask cluster (a node run by the DaskRunner)."""
+    from her2_kedro.parallel import active_client, on_dask_worker
+
+    return on_dask_worker() or active_client() is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_trunk(checkpoint: str, checkpoint_sha: str, channels_last: bool, device: str):
+    """The frozen trunk, loaded once per worker process and encoder version."""
+    import torch
+
+    from her2_kedro.modelling.checkpoints import load_checkpoint
+
+    model = load_checkpoint(checkpoint, expected_arch="encoder").model
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def _embed_on_worker(
+    item: tuple[dict[str, Any], Callable[[], bytes]],
+    *,
+    checkpoint: str,
+    checkpoint_sha: str,
+    encoder: dict[str, Any],
+    tiles: dict[str, Any],
+    reference: dict[str, Any] | None,
+    normalised: list[str],
+) -> dict:
+    """One core's cache entry, computed where this runs (a Dask worker): the core is read from
+    (shared) storage there, and the trunk comes from the checkpoint's path, not with the item."""
+    from her2_kedro.features.preprocess import decode_rgb
+    from her2_kedro.imaging.normalisation import cohort_normaliser
+    from her2_kedro.modelling.devices import resolve_device
+    from her2_kedro.modelling.embeddings import embed_core
+
+    row, load = item
+    config, rule = EncoderConfig.model_validate(encoder), TileConfig.model_validate(tiles)
+    device = resolve_device(config.training.device)
+    rgb = decode_rgb(load())
+    transform = cohort_normaliser(reference, normalised, rule.background_grey)
+    if transform is not None:
+        rgb = transform(row, rgb)
+    trunk = _worker_trunk(checkpoint, checkpoint_sha, config.channels_last, str(device))
+    return embed_core(
+        trunk,
+        rgb,
+        row["core_id"],
+        rule,
+        config.bag.input_size,
+        batch_size=config.embedding_batch_size,
+        device=device,
+        channels_last=config.channels_last,
+    )
 
 
 class _InOrder:
@@ -358,14 +422,33 @@ def embed_cores(
             channels_last=config.channels_last,
         )
 
-    streamed = _InOrder(device_stream)
+    def cluster_stream():  # every core to compute, sharded over the Dask cluster's workers
+        from her2_kedro.parallel import map_cores
+
+        work = functools.partial(
+            _embed_on_worker,
+            checkpoint=str(Path(encoder_checkpoint).resolve()),
+            checkpoint_sha=encoder_sha,
+            encoder=config.model_dump(mode="json"),
+            tiles=inputs.rule.model_dump(),
+            reference=reference_stains,
+            normalised=list(normalised),
+        )
+        for start in range(0, len(todo), CLUSTER_CHUNK):
+            part = todo[start : start + CLUSTER_CHUNK]
+            items = [(row, inputs.cores[row["image"]]) for row in part]
+            entries = map_cores(work, items, desc="embedding cores")
+            yield from zip([row["core_id"] for row in part], entries, strict=True)
+
+    on_cluster = not on_device and len(todo) > 1 and _cluster_in_use()
+    streamed = _InOrder(device_stream if on_device else cluster_stream)
 
     def compute(row: dict) -> Callable[[], dict]:
         def entry() -> dict:
             if "bar" not in state:  # the cache computes entries as it saves them
                 state["bar"] = tqdm(total=len(todo), desc="embedding cores", unit="core")
             state["bar"].update(1)
-            if on_device:
+            if on_device or on_cluster:
                 return streamed.get(row["core_id"])
             rgb = decode_rgb(inputs.cores[row["image"]]())
             if inputs.transform is not None:
