@@ -10,6 +10,9 @@
    each per step (the same effective batch). The per-epoch loss curves, validation balanced
    accuracy, the selected epoch and the final weights are compared; rank 0's curve must be in the
    node's MLflow run.
+3. Prediction: ``predict`` on copies of a few cores dropped in the inbox (the cached-embedding MIL
+   model of both tasks, heatmaps on), by the SequentialRunner and by the DaskRunner, whose node
+   fans the cores out to the workers: the calls must be identical.
 
 Prints the differences and, on its last line, ``... equivalent: yes`` or ``... equivalent: no``
 (exit status 1). Everything runs in a temporary folder; nothing is downloaded.
@@ -103,7 +106,16 @@ def catalog(data_root: Path, params: dict[str, Any]):
     return result
 
 
-def run(pipeline_name: str, data_root: Path, params: dict[str, Any], runner=None, namespace=None):
+def run(
+    pipeline_name: str,
+    data_root: Path,
+    params: dict[str, Any],
+    runner=None,
+    namespace: str | None = None,
+    nodes: tuple[str, ...] = (),
+):
+    """A registered pipeline (or its ``namespace``, or its ``nodes``) on the catalog under
+    ``data_root``, by ``runner`` (the SequentialRunner by default)."""
     from kedro.runner import SequentialRunner
 
     from her2_kedro.pipeline_registry import register_pipelines
@@ -111,6 +123,8 @@ def run(pipeline_name: str, data_root: Path, params: dict[str, Any], runner=None
     pipeline = register_pipelines()[pipeline_name]
     if namespace:
         pipeline = pipeline.only_nodes_with_namespaces([namespace])
+    if nodes:
+        pipeline = pipeline.only_nodes(*nodes)
     (runner or SequentialRunner()).run(pipeline, catalog(data_root, params))
 
 
@@ -144,10 +158,6 @@ def compare_embeddings(first: Path, second: Path, atol: float) -> tuple[bool, li
 def embedding_route(root: Path, params: dict[str, Any], workers: int, atol: float):
     """Sequential features run vs the DaskRunner on a local cluster, from the same inputs and
     the same encoder: every cache entry is computed again on the cluster's workers."""
-    from distributed import LocalCluster
-
-    from her2_kedro.runners import DaskRunner
-
     sequential, clustered = root / "sequential" / "data", root / "dask" / "data"
     started = time.perf_counter()
     run("synthetic", sequential, params)
@@ -161,19 +171,7 @@ def embedding_route(root: Path, params: dict[str, Any], workers: int, atol: floa
     shutil.copytree(sequential, clustered)
     shutil.rmtree(clustered / "05_model_input" / "embeddings")
     (clustered / "05_model_input" / "embedding_index.parquet").unlink()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
-    previous = os.environ.get("DASK_SCHEDULER_ADDRESS")
-    os.environ["DASK_SCHEDULER_ADDRESS"] = cluster.scheduler_address
-    try:
-        started = time.perf_counter()
-        run("features", clustered, params, runner=DaskRunner())
-        dask_s = time.perf_counter() - started
-    finally:
-        if previous is None:
-            os.environ.pop("DASK_SCHEDULER_ADDRESS", None)
-        else:
-            os.environ["DASK_SCHEDULER_ADDRESS"] = previous
-        cluster.close()
+    dask_s = _dask_run("features", clustered, params, workers)
     ok, lines = compare_embeddings(sequential, clustered, atol)
     lines.insert(0, f"cohort prepared in {prepared:.1f} s")
     lines.insert(
@@ -240,6 +238,77 @@ def training_route(data_root: Path, params: dict[str, Any], atol: float):
     return ok, lines
 
 
+def _dask_run(
+    pipeline_name: str,
+    data_root: Path,
+    params: dict[str, Any],
+    workers: int,
+    nodes: tuple[str, ...] = (),
+):
+    """``pipeline_name`` (or its ``nodes``) run by the DaskRunner on a local cluster."""
+    from distributed import LocalCluster
+
+    from her2_kedro.runners import DaskRunner
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
+    previous = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    os.environ["DASK_SCHEDULER_ADDRESS"] = cluster.scheduler_address
+    try:
+        started = time.perf_counter()
+        run(pipeline_name, data_root, params, runner=DaskRunner(), nodes=nodes)
+        return time.perf_counter() - started
+    finally:
+        if previous is None:
+            os.environ.pop("DASK_SCHEDULER_ADDRESS", None)
+        else:
+            os.environ["DASK_SCHEDULER_ADDRESS"] = previous
+        cluster.close()
+
+
+def prediction_route(data_root: Path, params: dict[str, Any], workers: int, n_cores: int):
+    """``predict`` on copies of a few cores in the inbox: SequentialRunner vs DaskRunner."""
+    import mlflow
+
+    p = copy.deepcopy(params)
+    p["predict"].update(model=MODEL, intensity_model=None, heatmaps=True)
+    mlflow.end_run()
+    with mlflow.start_run():  # the other task's model; the status one is trained already
+        run("mil", data_root, params, namespace=f"{MODEL}.ihc_score")
+    inbox = data_root / "01_raw" / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for source in sorted((data_root / "02_intermediate" / "cores").iterdir())[:n_cores]:
+        shutil.copy(source, inbox / f"new_{source.name}")
+    calls = data_root / "07_model_output" / "inbox_predictions.csv"
+    panels = data_root / "08_reporting" / "inbox"
+    results = {}
+    for label in ("sequential", "dask"):
+        calls.unlink(missing_ok=True)  # nothing to reuse: every core scored again
+        shutil.rmtree(panels, ignore_errors=True)
+        mlflow.end_run()
+        with mlflow.start_run():
+            started = time.perf_counter()
+            if label == "sequential":  # the scoring node: the report needs every study
+                run("predict", data_root, p, nodes=("score_inbox",))
+            else:
+                _dask_run("predict", data_root, p, workers, nodes=("score_inbox",))
+            seconds = time.perf_counter() - started
+        frame = pd.read_csv(calls).drop(columns=["seconds", "scored_at"])
+        results[label] = (frame, sorted(x.name for x in panels.glob("*.png")), seconds)
+    (a, panels_a, s1), (b, panels_b, s2) = results.values()
+    same = a.equals(b)
+    lines = [
+        f"predict on {len(a)} inbox cores: sequential {s1:.1f} s, DaskRunner {s2:.1f} s",
+        f"calls identical (every column but seconds and scored_at): {same}",
+        f"heatmaps: sequential {len(panels_a)}, dask {len(panels_b)}",
+    ]
+    if not same and a.shape == b.shape:
+        numeric = a.select_dtypes("number").columns
+        worst = float((a[numeric] - b[numeric]).abs().max().max())
+        lines.append(f"max |difference| of the numeric columns: {worst:.3g}")
+    ok = same and len(a) == n_cores and panels_a == panels_b and len(panels_a) == n_cores
+    return ok, lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=24, help="synthetic patients")
@@ -248,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-atol", type=float, default=1e-4)
     parser.add_argument("--keep", type=Path, help="keep the data in this folder")
     parser.add_argument("--only", choices=["embedding", "training"], help="run one check only")
+    parser.add_argument("--inbox-cores", type=int, default=4, help="cores predict scores")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="her2_equivalence_")) if args.keep is None else args.keep
@@ -257,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # never the project's own store
     params = tiny_params(args.patients)
-    embed_ok = train_ok = True
+    embed_ok = train_ok = predict_ok = True
     try:
         if args.only == "training":  # the cohort and its cache made sequentially
             data_root = root / "sequential" / "data"
@@ -272,17 +342,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "embedding":
             train_ok, train_lines = training_route(data_root, params, args.training_atol)
             print("== MIL training: 1 process vs torchrun over 2 processes ==")
-            print("\n".join(train_lines))
+            print("\n".join(train_lines), flush=True)
+        if args.only is None:
+            predict_ok, predict_lines = prediction_route(
+                data_root, params, args.workers, args.inbox_cores
+            )
+            print("== predict: SequentialRunner vs DaskRunner ==")
+            print("\n".join(predict_lines))
     finally:
         while mlflow.active_run() is not None:  # runs that logging started on its own
             mlflow.end_run()
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    ok = embed_ok and train_ok
-    print(
-        f"embedding {'ok' if embed_ok else 'DIFFERS'}, training {'ok' if train_ok else 'DIFFERS'}"
-    )
-    print(f"distributed training and cluster embedding equivalent: {'yes' if ok else 'no'}")
+    ok = embed_ok and train_ok and predict_ok
+    verdicts = {"embedding": embed_ok, "training": train_ok, "prediction": predict_ok}
+    print(", ".join(f"{k} {'ok' if v else 'DIFFERS'}" for k, v in verdicts.items()))
+    print(f"distributed embedding, training and prediction equivalent: {'yes' if ok else 'no'}")
     return 0 if ok else 1
 
 
