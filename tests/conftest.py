@@ -89,9 +89,20 @@ def cohort() -> dict[str, np.ndarray]:
 @pytest.fixture(autouse=True)
 def _no_mlflow_run_outlives_its_test():
     """End any MLflow run a test left active (MLflow's fluent API starts one implicitly when an
-    artifact is logged outside a run); the next test would otherwise log into a deleted store."""
+    artifact is logged outside a run); the next test would otherwise log into a deleted store.
+
+    A Kedro session also leaves process-wide state that a real ``kedro run`` (one per process)
+    never carries over: the experiment MLflow's ``set_experiment`` made active (also in
+    ``MLFLOW_EXPERIMENT_ID``), and the run id kept by kedro-mlflow's one hook instance. Both
+    point into the test's own, deleted store; they are reset too.
+    """
     yield
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         while mlflow.active_run() is not None:
             mlflow.end_run()
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    hook = sys.modules.get("kedro_mlflow.framework.hooks.mlflow_hook")
+    if hook is not None:
+        hook.mlflow_hook.run_id = None
