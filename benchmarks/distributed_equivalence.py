@@ -41,22 +41,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from her2_kedro.config.project import rebase_data_paths  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parents[1]
 TASK = "her2_status"
 MODEL = "mil_cached"
-
-
-def _rebase(config: Any, data_root: Path) -> Any:
-    """Every 'data/...' path of a catalog entry moved under ``data_root``."""
-    if isinstance(config, dict):
-        return {k: _rebase(v, data_root) for k, v in config.items()}
-    if isinstance(config, list):
-        return [_rebase(v, data_root) for v in config]
-    if isinstance(config, str):
-        for prefix in ("${globals:data_root}/", "data/"):
-            if config.startswith(prefix):
-                return str(data_root / config.removeprefix(prefix))
-    return config
 
 
 def _merged(pattern: str) -> dict[str, Any]:
@@ -92,7 +81,7 @@ def catalog(data_root: Path, params: dict[str, Any]):
     """The project's catalog under ``data_root`` with ``params`` registered as Kedro does."""
     from kedro.io import DataCatalog, MemoryDataset
 
-    result = DataCatalog.from_config(_rebase(_merged("catalog*.yml"), data_root))
+    result = DataCatalog.from_config(rebase_data_paths(_merged("catalog*.yml"), data_root))
     result["parameters"] = MemoryDataset(params)
 
     def add(prefix: str, values: Any) -> None:

@@ -13,25 +13,14 @@ import pytest
 import yaml
 from skimage.data import immunohistochemistry
 
+from her2_kedro.config.project import rebase_data_paths
+
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 PROJECT = Path(__file__).resolve().parents[1]
 REAL_CORES = PROJECT.parent / "shared" / "data" / "real_cores"
-
-
-def _rebase(config: Any, data_root: Path) -> Any:
-    """Replace every 'data/...' path in a catalog entry with the same path under ``data_root``."""
-    if isinstance(config, dict):
-        return {k: _rebase(v, data_root) for k, v in config.items()}
-    if isinstance(config, list):
-        return [_rebase(v, data_root) for v in config]
-    if isinstance(config, str):
-        for prefix in ("${globals:data_root}/", "data/"):
-            if config.startswith(prefix):
-                return str(data_root / config.removeprefix(prefix))
-    return config
 
 
 def load_yaml(relative: str) -> dict[str, Any]:
@@ -44,7 +33,7 @@ def catalog_config(tmp_path: Path) -> dict[str, Any]:
     catalog: dict[str, Any] = {}
     for path in sorted((PROJECT / "conf" / "base").glob("catalog*.yml")):
         catalog.update(yaml.safe_load(path.read_text()) or {})
-    return _rebase(catalog, tmp_path / "data")
+    return rebase_data_paths(catalog, tmp_path / "data")
 
 
 @pytest.fixture

@@ -42,3 +42,21 @@ def project_parameters(env: str | None = None, root: Path | None = None) -> dict
     args = {k: v for k, v in CONFIG_LOADER_ARGS.items() if k != "default_run_env"}
     loader = OmegaConfigLoader(conf_source=str(root / "conf"), env=run_env(env), **args)
     return dict(loader["parameters"])
+
+
+#: How a catalog path starts that lies under the data folder (``conf/base/globals.yml``).
+DATA_ROOT_PREFIXES = ("${globals:data_root}/", "data/")
+
+
+def rebase_data_paths(config: Any, data_root: Path) -> Any:
+    """A raw catalog configuration with every path under the data folder moved under
+    ``data_root`` (a temporary copy of the project's data layers, for tests and benchmarks)."""
+    if isinstance(config, dict):
+        return {k: rebase_data_paths(v, data_root) for k, v in config.items()}
+    if isinstance(config, list):
+        return [rebase_data_paths(v, data_root) for v in config]
+    if isinstance(config, str):
+        for prefix in DATA_ROOT_PREFIXES:
+            if config.startswith(prefix):
+                return str(data_root / config.removeprefix(prefix))
+    return config
