@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test lint synthetic ingestion preprocessing intensity features mil resnet clam reporting bench-study viz mlflow-ui benchmark clean-data
+.PHONY: setup run test lint synthetic ingestion preprocessing intensity features mil resnet clam reporting bench-study viz mlflow-ui benchmark gpu-benchmark clean-data
 
 setup: $(STAMP)
 
@@ -79,6 +79,11 @@ benchmark: setup
 	$(BIN)/python benchmarks/preprocessing_benchmark.py
 	$(BIN)/python benchmarks/synthetic_calibration.py
 	$(BIN)/python benchmarks/model_throughput.py
+	$(BIN)/python benchmarks/distributed_equivalence.py
+
+# every GPU measurement and CUDA smoke check, in a few minutes (on a machine with a CUDA GPU)
+gpu-benchmark: setup
+	$(BIN)/python benchmarks/gpu_benchmark.py
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete
