@@ -271,3 +271,65 @@ def test_the_encoder_trains_under_torchrun_as_in_one_process(tmp_path):
     np.testing.assert_allclose(h2["val_loss"], h1["val_loss"], atol=1e-4)
     for name, weight in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][name], weight, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_result(tmp_path):
+    """torchrun killed after a few epochs, launched again on the same job folder: it continues
+    from rank 0's resume checkpoint and ends where an uninterrupted job ends."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    table, index, loaders = tiny_embedding_cohort(tmp_path)
+    spec = mil_spec(accumulation=1, nproc=2)
+    spec["training"].update(max_epochs=120)  # long enough to be caught in the middle
+    config = TorchModelConfig.model_validate(spec)
+    sources = {"tile_embeddings": loaders, "embedding_index": index}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def job(name: str) -> Path:
+        return torchrun_job.write_job(
+            tmp_path / name,
+            model=spec,
+            task={"name": "her2_status", "target": "her2_status"},
+            tiles={},
+            cohorts={},
+            table=table,
+            sources=sources,
+            mlflow={},
+        )
+
+    whole = job("whole")
+    launch(torchrun_command(config.distributed, torchrun_job.MODULE, [str(whole)]), whole / "log")
+
+    cut = job("cut")
+    command = torchrun_command(config.distributed, torchrun_job.MODULE, [str(cut)])
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    resume = cut / "resume.pt"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if resume.is_file() and read_checkpoint(resume)["meta"]["epoch"] >= 3:
+            # as a scheduler's preemption or Ctrl-C: torchrun stops every process of the job
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    process.wait()
+    if (cut / "model.pt").exists():
+        pytest.skip("the job finished before it could be interrupted (machine too fast)")
+    stopped_at = read_checkpoint(resume)["meta"]["epoch"]
+    assert 3 <= stopped_at < 119
+
+    launch(command, cut / "log")  # the same job again: it resumes
+    resumed_log = (cut / "log").read_text()
+    assert "epoch 0:" not in resumed_log and f"epoch {stopped_at + 1}:" in resumed_log
+    h_whole = pd.DataFrame(json.loads((whole / "history.json").read_text()))
+    h_cut = pd.DataFrame(json.loads((cut / "history.json").read_text()))
+    pd.testing.assert_frame_equal(h_cut, h_whole, check_exact=False, atol=1e-6)
+    a, b = read_checkpoint(whole / "model.pt"), read_checkpoint(cut / "model.pt")
+    assert a["meta"]["epoch"] == b["meta"]["epoch"]
+    for name, weight in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], weight, atol=1e-6, rtol=1e-5)
