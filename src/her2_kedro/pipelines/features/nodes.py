@@ -246,8 +246,9 @@ def _cluster_in_use() -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_trunk(checkpoint: str, checkpoint_sha: str, channels_last: bool, device: str):
-    """The frozen trunk, loaded once per worker process and encoder version."""
+def _frozen_trunk(checkpoint: str, checkpoint_sha: str, channels_last: bool, device: str):
+    """The frozen trunk, loaded once per process (the node's, or a Dask worker's) and encoder
+    version."""
     import torch
 
     from her2_kedro.modelling.checkpoints import load_checkpoint
@@ -258,7 +259,7 @@ def _worker_trunk(checkpoint: str, checkpoint_sha: str, channels_last: bool, dev
     return model.to(device)
 
 
-def _embed_on_worker(
+def _embed_one(
     item: tuple[dict[str, Any], Callable[[], bytes]],
     *,
     checkpoint: str,
@@ -268,8 +269,9 @@ def _embed_on_worker(
     reference: dict[str, Any] | None,
     normalised: list[str],
 ) -> dict:
-    """One core's cache entry, computed where this runs (a Dask worker): the core is read from
-    (shared) storage there, and the trunk comes from the checkpoint's path, not with the item."""
+    """One core's cache entry (numpy path), computed where this runs, the node's process or a
+    Dask worker: the core is read from (shared) storage there, and the trunk comes from the
+    checkpoint's path, not with the item."""
     from her2_kedro.features.preprocess import decode_rgb
     from her2_kedro.imaging.normalisation import cohort_normaliser
     from her2_kedro.modelling.devices import resolve_device
@@ -282,7 +284,7 @@ def _embed_on_worker(
     transform = cohort_normaliser(reference, normalised, rule.background_grey)
     if transform is not None:
         rgb = transform(row, rgb)
-    trunk = _worker_trunk(checkpoint, checkpoint_sha, config.channels_last, str(device))
+    trunk = _frozen_trunk(checkpoint, checkpoint_sha, config.channels_last, str(device))
     return embed_core(
         trunk,
         rgb,
@@ -350,10 +352,9 @@ def embed_cores(
     """
     import torch
 
-    from her2_kedro.features.preprocess import decode_rgb
-    from her2_kedro.modelling.checkpoints import checkpoint_sha256, load_checkpoint
+    from her2_kedro.modelling.checkpoints import checkpoint_sha256
     from her2_kedro.modelling.devices import resolve_device
-    from her2_kedro.modelling.embeddings import embed_core, embedding_key
+    from her2_kedro.modelling.embeddings import embedding_key
 
     config = EncoderConfig.model_validate(encoder)
     inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
@@ -387,16 +388,16 @@ def embed_cores(
         encoder_sha[:12],
     )
     state: dict[str, Any] = {}
-
-    def trunk() -> torch.nn.Module:  # loaded on the first entry actually computed
-        if "trunk" not in state:
-            model = load_checkpoint(encoder_checkpoint, expected_arch="encoder").model
-            if config.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            state["trunk"] = model.to(device)
-            if on_device and config.compile_trunk:
-                state["trunk"] = torch.compile(state["trunk"], dynamic=True)
-        return state["trunk"]
+    checkpoint = str(Path(encoder_checkpoint).resolve())
+    work = functools.partial(
+        _embed_one,
+        checkpoint=checkpoint,
+        checkpoint_sha=encoder_sha,
+        encoder=config.model_dump(mode="json"),
+        tiles=inputs.rule.model_dump(),
+        reference=reference_stains,
+        normalised=list(normalised),
+    )
 
     def device_stream():  # every core to compute, decoded and embedded on the GPU, in order
         from her2_kedro.features.device_embedding import (
@@ -410,8 +411,11 @@ def embed_cores(
         normalisers = {}
         if transform is not None:
             normalisers = {r["core_id"]: functools.partial(transform, r) for r in todo}
+        trunk = _frozen_trunk(checkpoint, encoder_sha, config.channels_last, str(device))
+        if config.compile_trunk:
+            trunk = torch.compile(trunk, dynamic=True)
         return embed_cores_on_device(
-            trunk(),
+            trunk,
             [(r["core_id"], inputs.cores[r["image"]]) for r in todo],
             inputs.rule,
             config.bag.input_size,
@@ -425,15 +429,6 @@ def embed_cores(
     def cluster_stream():  # every core to compute, sharded over the Dask cluster's workers
         from her2_kedro.parallel import map_cores
 
-        work = functools.partial(
-            _embed_on_worker,
-            checkpoint=str(Path(encoder_checkpoint).resolve()),
-            checkpoint_sha=encoder_sha,
-            encoder=config.model_dump(mode="json"),
-            tiles=inputs.rule.model_dump(),
-            reference=reference_stains,
-            normalised=list(normalised),
-        )
         for start in range(0, len(todo), CLUSTER_CHUNK):
             part = todo[start : start + CLUSTER_CHUNK]
             items = [(row, inputs.cores[row["image"]]) for row in part]
@@ -450,19 +445,7 @@ def embed_cores(
             state["bar"].update(1)
             if on_device or on_cluster:
                 return streamed.get(row["core_id"])
-            rgb = decode_rgb(inputs.cores[row["image"]]())
-            if inputs.transform is not None:
-                rgb = inputs.transform(row, rgb)
-            return embed_core(
-                trunk(),
-                rgb,
-                row["core_id"],
-                inputs.rule,
-                config.bag.input_size,
-                batch_size=config.embedding_batch_size,
-                device=device,
-                channels_last=config.channels_last,
-            )
+            return work((row, inputs.cores[row["image"]]))
 
         return entry
 
