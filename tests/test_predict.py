@@ -138,3 +138,56 @@ def test_external_cores_as_scanned_are_scored_once_per_model_version(tmp_path, m
     monkeypatch.setattr(scoring, "score_core", no_rescoring)
     again = external.score_as_scanned(cores, images, models, RULE, ThresholdConfig(), done=rows)
     pd.testing.assert_frame_equal(again, rows)
+
+
+def _inbox_setup(tmp_path, base_params, spec_input: str = "tiles"):
+    """An inbox with one good core and one broken file, and the mil checkpoints of both tasks."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.jpg").write_bytes(_jpeg(fake_core(448, 448, 0)))
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    models = {}
+    for task in ("ihc_score", "her2_status"):
+        path = _trained_checkpoint(tmp_path, task)
+        if spec_input == "embeddings":  # the spec of a model on the embedding cache
+            payload = torch.load(path, weights_only=True)
+            payload["extras"]["spec"]["input"] = "embeddings"
+            torch.save(payload, path)
+        models[path.name] = path
+    predict = {"model": "mil", "intensity_model": None, "registry_alias": None, "heatmaps": False}
+    return (
+        {p.name: p for p in inbox.iterdir()},
+        models,
+        None,
+        None,
+        ImageChecks().model_dump(),
+        RULE.model_dump(),
+        base_params["preprocessing"],
+        predict,
+    )
+
+
+def test_score_inbox_loads_each_model_once_and_rejects_only_the_broken_file(
+    tmp_path, base_params, monkeypatch
+):
+    from her2_kedro.modelling import scoring
+    from her2_kedro.pipelines.predict import nodes
+
+    loads = []
+    real = scoring.load_trained
+    monkeypatch.setattr(scoring, "load_trained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    nodes._LOADED.clear()
+    calls, qc, figures = nodes.score_inbox(*_inbox_setup(tmp_path, base_params))
+    assert list(calls["core_id"]) == ["good"]
+    assert calls.loc[0, "status_model_version"] == "run:r1"
+    assert qc.set_index("core_id").loc["broken.jpg", "status"] == "rejected"
+    assert figures == {}  # heatmaps off
+    assert len(loads) == 2  # one per task, in the node's process, reused for every core
+
+
+def test_score_inbox_names_the_missing_encoder_of_a_model_on_embeddings(tmp_path, base_params):
+    from her2_kedro.pipelines.predict import nodes
+
+    nodes._LOADED.clear()
+    with pytest.raises(FileNotFoundError, match="reads tile embeddings.*pipelines=features"):
+        nodes.score_inbox(*_inbox_setup(tmp_path, base_params, "embeddings"))

@@ -82,8 +82,8 @@ class _Scoring:
     """What scoring one inbox core needs, as plain data (it travels to Dask workers): where the
     trained models are, the settings, and the stain reference."""
 
-    models: tuple[tuple[str, str, str], ...]  # (task, checkpoint path, version)
-    encoder: str | None
+    models: tuple[tuple[str, str, str | None], ...]  # (task, checkpoint path, registry version)
+    encoder: str | None  # the features pipeline's encoder, loaded for models on embeddings
     intensity: tuple[tuple[str, str], ...]  # (task, JSON path)
     reference: Any
     tiles: dict[str, Any]
@@ -108,12 +108,13 @@ def _loaded(scoring: _Scoring) -> dict[str, Any]:
     from her2_kedro.modelling.intensity_lr import IntensityModel
     from her2_kedro.modelling.scoring import load_encoder, load_trained
 
-    key = (scoring.cache_key(), scoring.device)
+    key = (scoring.models, scoring.cache_key(), scoring.device)
     if key in _LOADED:
         return _LOADED[key]
     models = {
         task: load_trained(Path(path), task, version) for task, path, version in scoring.models
     }
+    on_embeddings = any(m.spec.input == "embeddings" for m in models.values())
     intensity = {}
     for task, path in scoring.intensity:
         text = Path(path).read_text()
@@ -121,7 +122,7 @@ def _loaded(scoring: _Scoring) -> dict[str, Any]:
             IntensityModel.from_json(text),
             hashlib.sha256(text.encode()).hexdigest(),
         )
-    encoder = load_encoder(Path(scoring.encoder)) if scoring.encoder else None
+    encoder = load_encoder(Path(scoring.encoder)) if scoring.encoder and on_embeddings else None
     _LOADED.clear()  # one set of models per process
     _LOADED[key] = {"models": models, "intensity": intensity, "encoder": encoder}
     return _LOADED[key]
@@ -223,7 +224,6 @@ def score_inbox(
     from her2_kedro.imaging.normalisation import cohort_normaliser
     from her2_kedro.modelling.devices import resolve_device
     from her2_kedro.modelling.registry import resolve_checkpoint
-    from her2_kedro.modelling.scoring import load_trained
     from her2_kedro.parallel import map_cores
     from her2_kedro.tma.inbox import INBOX, check_inbox
     from her2_kedro.tma.qc.report import accepted_reason, qc_table
@@ -236,20 +236,12 @@ def score_inbox(
         logger.warning("No scorable image in data/01_raw/inbox/ (%d rejected)", len(problems))
         return pd.DataFrame(columns=COLUMNS), qc, {}
 
-    models, specs = [], {}
+    models = []
     for task in TASK_NAMES:
         local = _trained_file(trained_models, config.model, task, ".pt")
         path, version = resolve_checkpoint(config.model, task, local, config.registry_alias)
-        specs[task] = load_trained(path, task, version)  # names a checkpoint that cannot serve
-        models.append((task, str(Path(path).resolve()), specs[task].version))
-    encoder = None
-    if any(m.spec.input == "embeddings" for m in specs.values()):
-        if "encoder.pt" not in trained_models:
-            raise FileNotFoundError(
-                f"{config.model} reads tile embeddings, but no trained encoder is in "
-                "data/06_models (encoder.pt): run `kedro run --pipelines=features` first"
-            )
-        encoder = str(Path(trained_models["encoder.pt"]).resolve())
+        models.append((task, str(Path(path).resolve()), version))
+    encoder = trained_models.get("encoder.pt")
     intensity = []
     if config.intensity_model:
         for task in TASK_NAMES:
@@ -260,8 +252,27 @@ def score_inbox(
     )
     if config.stain_normalise and not normalised:
         logger.warning("No training stain reference: inbox cores are scored as scanned")
-    versions = {task: specs[task].version for task in TASK_NAMES}
     done = _calls_of(previous)
+
+    scoring = _Scoring(
+        models=tuple(models),
+        encoder=None if encoder is None else str(Path(encoder).resolve()),
+        intensity=tuple(intensity),
+        reference=reference_stains if normalised else None,
+        tiles=dict(tiles),
+        preprocessing=dict(preprocessing),
+        predict=dict(predict),
+        device=str(resolve_device(config.device)),
+    )
+    # loaded once here (a checkpoint that cannot serve is named before any core is scored) and
+    # kept for the cores this process scores
+    specs = _loaded(scoring)["models"]
+    if encoder is None and any(m.spec.input == "embeddings" for m in specs.values()):
+        raise FileNotFoundError(
+            f"{config.model} reads tile embeddings, but no trained encoder is in "
+            "data/06_models (encoder.pt): run `kedro run --pipelines=features` first"
+        )
+    versions = {task: specs[task].version for task in TASK_NAMES}
 
     def reusable(core: Any) -> bool:  # same pixels, preparation and models: nothing to redo
         old = done.get(core.core_id)
@@ -273,16 +284,6 @@ def score_inbox(
             and old.get("status_model_version") == versions["her2_status"]
         )
 
-    scoring = _Scoring(
-        models=tuple(models),
-        encoder=encoder,
-        intensity=tuple(intensity),
-        reference=reference_stains if normalised else None,
-        tiles=dict(tiles),
-        preprocessing=dict(preprocessing),
-        predict=dict(predict),
-        device=str(resolve_device(config.device)),
-    )
     todo = [core for core in cores if not reusable(core)]
     scored = map_cores(functools.partial(_score_one, scoring=scoring), todo, desc="scoring inbox")
     new = {core.core_id: result for core, result in zip(todo, scored, strict=True)}
