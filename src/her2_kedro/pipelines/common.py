@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,9 +30,13 @@ def table_version(table: pd.DataFrame) -> str:
     return str(table["manifest_version"].iloc[0])
 
 
-def epoch_logger(prefix: str) -> Callable[[int, Mapping[str, float]], None]:
-    """A training callback that logs each epoch's loss, validation metrics and learning rate to
-    the active MLflow run as ``<prefix>.<metric>`` with ``step=epoch`` (curves in the UI)."""
+def epoch_logger(
+    prefix: str, *, run_id: str | None = None, tracking_uri: str | None = None
+) -> Callable[[int, Mapping[str, float]], None]:
+    """A training callback that logs each epoch's loss, validation metrics and learning rate as
+    ``<prefix>.<metric>`` with ``step=epoch`` (curves in the UI): to the active MLflow run, or,
+    given ``run_id``, to that run by id without starting or ending it (a torchrun process logging
+    into the run its training node holds open)."""
 
     def log(epoch: int, metrics: Mapping[str, Any]) -> None:
         import mlflow
@@ -43,7 +48,15 @@ def epoch_logger(prefix: str) -> Callable[[int, Mapping[str, float]], None]:
             epoch,
             ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.4f}" for k, v in values.items()),
         )
-        if mlflow.active_run() is not None:
+        if run_id:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            stamp = int(time.time() * 1000)
+            MlflowClient(tracking_uri=tracking_uri).log_batch(
+                run_id, metrics=[Metric(k, v, stamp, int(epoch)) for k, v in values.items()]
+            )
+        elif mlflow.active_run() is not None:
             mlflow.log_metrics(values, step=int(epoch))
 
     return log

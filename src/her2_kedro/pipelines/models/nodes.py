@@ -59,6 +59,13 @@ def build_bag_table(
     )
 
 
+def entries_by_key(tile_embeddings: dict[str, Callable[[], dict]]) -> dict[str, Callable]:
+    """The embedding cache's entry loaders by key (partition names without their suffix)."""
+    return {
+        Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()
+    }
+
+
 def _inputs(
     spec: TorchModelConfig,
     tiles: dict[str, Any],
@@ -80,9 +87,7 @@ def _inputs(
         return inputs
     rule = TileConfig.model_validate(tiles)
     inputs = ModelInputs(rule=rule, encoder_path=encoder_checkpoint)
-    by_key = {
-        Path(name).stem if "." in name else name: load for name, load in tile_embeddings.items()
-    }
+    by_key = entries_by_key(tile_embeddings)
     missing = sorted(set(embedding_index["key"]) - set(by_key))
     if missing:
         raise KeyError(f"embedding cache entries missing: {missing[:5]} (rerun features)")

@@ -55,8 +55,10 @@ def _write_embeddings(
     folder: Path, keys: list[str], entries: Mapping[str, Callable[[], Mapping[str, Any]]]
 ) -> None:
     """Copy each cache entry named by ``keys`` to ``folder/<key>.npz``."""
+    from her2_kedro.pipelines.models.nodes import entries_by_key
+
     folder.mkdir(parents=True, exist_ok=True)
-    by_key = {Path(name).stem if "." in name else name: load for name, load in entries.items()}
+    by_key = entries_by_key(entries)
     for key in keys:
         entry = by_key[key]()
         np.savez(folder / f"{key}.npz", embeddings=entry["embeddings"], coords=entry["coords"])
@@ -139,31 +141,6 @@ def read_sources(job_dir: Path, job: Mapping[str, Any]) -> dict[str, Any]:
     return sources
 
 
-def mlflow_epoch_logger(prefix: str, mlflow_info: Mapping[str, str]):
-    """Rank 0's per-epoch curve, logged to the node's MLflow run by id (the run stays open in
-    the node's process; this process neither starts nor ends it)."""
-    from her2_kedro.pipelines.common import EPOCH_METRICS
-
-    run_id, uri = mlflow_info.get("run_id"), mlflow_info.get("tracking_uri")
-
-    def log(epoch: int, metrics: Mapping[str, Any]) -> None:
-        values = {f"{prefix}.{k}": float(metrics[k]) for k in EPOCH_METRICS if k in metrics}
-        logger.info("%s epoch %d: %s", prefix, epoch, values)
-        if not run_id:
-            return
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        stamp = int(time.time() * 1000)
-        MlflowClient(tracking_uri=uri).log_batch(
-            run_id, metrics=[Metric(k, v, stamp, int(epoch)) for k, v in values.items()]
-        )
-
-    return log
-
-
 def train_with_torchrun(
     spec: Any,
     task: Mapping[str, Any],
@@ -224,6 +201,7 @@ def run(job_dir: Path) -> None:
 
     from her2_kedro.config import TorchModelConfig
     from her2_kedro.modelling.distributed import init_process_group, is_main
+    from her2_kedro.pipelines.common import epoch_logger
     from her2_kedro.pipelines.models.nodes import _inputs, fit_and_save
 
     job = json.loads((job_dir / JOB_FILE).read_text())
@@ -236,7 +214,11 @@ def run(job_dir: Path) -> None:
         task = _resolve_task(job["task"])
         table = pd.read_parquet(job_dir / "table.parquet")
         inputs = _inputs(spec, job["tiles"], job["cohorts"], **read_sources(job_dir, job))
-        logger_fn = mlflow_epoch_logger(f"{spec.name}.{task.name}", job["mlflow"])
+        logger_fn = epoch_logger(
+            f"{spec.name}.{task.name}",
+            run_id=job["mlflow"].get("run_id"),
+            tracking_uri=job["mlflow"].get("tracking_uri"),
+        )
         _, history = fit_and_save(
             spec,
             task,
