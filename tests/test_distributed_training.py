@@ -333,3 +333,10 @@ def test_an_interrupted_torchrun_job_resumes_to_the_uninterrupted_result(tmp_pat
     assert a["meta"]["epoch"] == b["meta"]["epoch"]
     for name, weight in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_several_machines_need_a_rendezvous_endpoint():
+    with pytest.raises(ValueError, match="nnodes > 1 needs rdzv_endpoint"):
+        DistributedConfig(nproc_per_node=4, nnodes=2)
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        DistributedConfig(nproc_per_node=0)

@@ -286,3 +286,13 @@ def test_precise_batch_norm_runs_after_each_epoch(monkeypatch) -> None:
     )
     _run(_config(max_epochs=2, precise_bn_batches=3))
     assert calls == [3, 3]
+
+
+def test_resume_refuses_a_checkpoint_of_another_number_of_processes(tmp_path) -> None:
+    ckpt = tmp_path / "resume.pt"
+    _run(_config(max_epochs=1), checkpoint_path=ckpt, arch="attention_mil", params=PARAMS)
+    payload = torch.load(ckpt, weights_only=True)
+    payload["extras"]["world_size"] = 2  # as written by rank 0 of a 2-process torchrun job
+    torch.save(payload, ckpt)
+    with pytest.raises(CheckpointError, match=r"resume.pt: .*processes: checkpoint 2, now 1"):
+        _run(_config(max_epochs=2), resume_from=ckpt)
