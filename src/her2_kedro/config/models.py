@@ -100,6 +100,9 @@ class TorchModelConfig(Strict):
     own classes (``task``, the paper) or on the five classes 0, 1, 2-, 2+, 3 (``five_class``),
     whose probabilities are summed into the task's classes for selection and scoring.
     ``distributed``: train with ``torchrun`` over several processes, GPUs or machines (DDP).
+    ``init_head``: an end-to-end attention-MIL model on the trained trunk starts its attention and
+    classifier from this model's checkpoint for the same task (a model of the same study on the
+    cached embeddings of that trunk), then fine-tunes trunk and head together (beyond the paper).
     """
 
     name: str
@@ -113,6 +116,7 @@ class TorchModelConfig(Strict):
     image: ImageConfig = ImageConfig()
     training: TrainingConfig = TrainingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    init_head: str | None = None
 
     @property
     def needs_trained_encoder(self) -> bool:
@@ -129,4 +133,34 @@ class TorchStudyParams(Strict):
     @model_validator(mode="after")
     def _keys_are_names(self) -> TorchStudyParams:
         check_keys_are_names(tasks=self.tasks, models=self.models)
+        return self
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> TorchStudyParams:
+        """``init_head`` names a model of this study whose head is shaped as the model's own and
+        was trained on embeddings of the same trunk (the trained encoder's)."""
+        for name, spec in self.models.items():
+            if spec.init_head is None:
+                continue
+            source = self.models.get(spec.init_head)
+            where = f"models.{name}.init_head: {spec.init_head!r}"
+            if source is None:
+                raise ValueError(f"{where} is not a model of this study ({sorted(self.models)})")
+            if spec.input != "tiles" or spec.encoder_weights != TRAINED_ENCODER:
+                raise ValueError(
+                    f"{where}: only an end-to-end model (input tiles) on the trained trunk "
+                    f"(encoder_weights: {TRAINED_ENCODER}) starts from a head on its embeddings"
+                )
+            if source.input != "embeddings" or {source.arch, spec.arch} != {"attention_mil"}:
+                raise ValueError(
+                    f"{where} must be an attention_mil model on embeddings "
+                    f"(it is {source.arch} on {source.input}; {name} is {spec.arch})"
+                )
+            if source.labels != spec.labels:
+                raise ValueError(
+                    f"{where} trains on labels {source.labels!r}, {name} on {spec.labels!r}: "
+                    "their classifiers differ in size"
+                )
+            if source.params.get("hidden_dim", 256) != spec.params.get("hidden_dim", 256):
+                raise ValueError(f"{where}: its attention hidden_dim differs from {name}'s")
         return self

@@ -227,6 +227,31 @@ def load_checkpoint(
     return Checkpoint(model, meta, dict(payload.get("extras") or {}))
 
 
+#: The head of an attention-MIL model: what a model on cached embeddings and the same model end to
+#: end (trunk + head) share, parameter for parameter.
+HEAD_PREFIXES = ("attention.", "classifier.")
+
+
+def load_head(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy the attention and classifier weights of the attention-MIL checkpoint at ``path`` into
+    ``model`` (its trunk untouched); the names copied. A checkpoint of another architecture, or
+    whose head differs in a key or a shape, raises ``CheckpointError`` naming the file and why."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    arch = payload["meta"].get("arch")
+    if arch != "attention_mil":
+        raise CheckpointError(
+            f"{path}: a head comes from an attention_mil checkpoint, not {arch!r}"
+        )
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+    head = {k: v for k, v in payload["state_dict"].items() if k.startswith(HEAD_PREFIXES)}
+    problems = state_mismatches(expected, head)
+    if problems:
+        raise CheckpointError(f"{path}: head does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(head, strict=False)
+    return sorted(head)
+
+
 def checkpoint_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a checkpoint file's bytes, for cache keys (e.g. of cached embeddings)."""
     digest = hashlib.sha256()

@@ -85,7 +85,8 @@ def task_probabilities(proba: np.ndarray, spec: TorchModelConfig, task: Task) ->
 @dataclass
 class ModelInputs:
     """What a model's datasets read: core images (with a per-core ``transform``), or cached
-    embeddings by core id; the tile rule; the trained encoder's checkpoint, where one is used."""
+    embeddings by core id; the tile rule; the trained encoder's checkpoint, where one is used,
+    and the checkpoint whose head a model starts from (``init_head``)."""
 
     cores: Mapping[str, Callable[[], bytes]] | None = None
     transform: Transform | None = None
@@ -93,6 +94,7 @@ class ModelInputs:
     embedding_dim: int | None = None
     rule: TileConfig = PAPER_RULE
     encoder_path: Path | None = None
+    head_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,7 +168,18 @@ def build_model(
     else:
         params["encoder_weights"] = _encoder_weights(spec, inputs)
         params["encoder"] = spec.encoder or _trunk_name(spec, params["encoder_weights"])
-    return ARCHITECTURES[spec.arch](**params), params
+    model = ARCHITECTURES[spec.arch](**params)
+    if spec.init_head is not None:
+        from her2_kedro.modelling.checkpoints import load_head
+
+        if inputs.head_path is None:
+            raise ValueError(
+                f"{spec.name}: init_head is {spec.init_head!r} but no checkpoint of it was given "
+                "(train that model first)"
+            )
+        load_head(model, inputs.head_path)
+        logger.info("%s: attention and classifier start from %s", spec.name, inputs.head_path)
+    return model, params
 
 
 def make_dataset(

@@ -75,15 +75,17 @@ def _inputs(
     tile_embeddings: dict[str, Callable[[], dict]] | None = None,
     embedding_index: pd.DataFrame | None = None,
     encoder_checkpoint: Path | None = None,
+    head_checkpoint: Path | None = None,
 ) -> ModelInputs:
     """What this model's datasets read, from the node's keyword inputs (``sources``: the
-    accepted cores and stain reference, or the embedding cache and its index, and the trained
-    encoder where the model starts from it)."""
+    accepted cores and stain reference, or the embedding cache and its index, the trained
+    encoder where the model starts from it, and the checkpoint of its ``init_head``)."""
     from her2_kedro.modelling.torch_study import ModelInputs
 
     if spec.input != "embeddings":
         inputs = image_inputs(accepted_cores, reference_stains, tiles, cohorts)
         inputs.encoder_path = encoder_checkpoint
+        inputs.head_path = head_checkpoint
         return inputs
     rule = TileConfig.model_validate(tiles)
     inputs = ModelInputs(rule=rule, encoder_path=encoder_checkpoint)

@@ -63,6 +63,8 @@ def model_template(spec: TorchModelConfig) -> Pipeline:
         "cohorts": "params:cohorts",
         **sources,
     }
+    # the checkpoint whose head training starts from (mapped to `<init_head>.<task>.checkpoint`)
+    head = {"head_checkpoint": "head_checkpoint"} if spec.init_head else {}
     return Pipeline(
         [
             Node(
@@ -73,7 +75,7 @@ def model_template(spec: TorchModelConfig) -> Pipeline:
             ),
             Node(
                 nodes.train_model,
-                inputs={"table": "table", "workdir": "workdir", **common},
+                inputs={"table": "table", "workdir": "workdir", **common, **head},
                 outputs=["checkpoint", "history"],
                 name="train_model",
             ),
@@ -94,6 +96,14 @@ def model_template(spec: TorchModelConfig) -> Pipeline:
     )
 
 
+def _head_input(spec: TorchModelConfig, task: str) -> dict[str, str]:
+    """The template's ``head_checkpoint`` input, mapped to the ``init_head`` model's checkpoint of
+    the same task (none without ``init_head``)."""
+    if spec.init_head is None:
+        return {}
+    return {"head_checkpoint": f"{spec.init_head}.{task}.checkpoint"}
+
+
 def create_pipeline(
     family: str = "mil", study: TorchStudyParams | None = None, **kwargs
 ) -> Pipeline:
@@ -111,7 +121,10 @@ def create_pipeline(
                 Pipeline(
                     template,
                     namespace=f"{model}.{task}",
-                    inputs={name: name for name in _SHARED if name in template.inputs()},
+                    inputs={
+                        **{name: name for name in _SHARED if name in template.inputs()},
+                        **_head_input(spec, task),
+                    },
                     parameters={
                         "params:model": f"params:{section}.models.{model}",
                         "params:task": f"params:{section}.tasks.{task}",

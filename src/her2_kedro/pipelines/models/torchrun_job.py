@@ -94,10 +94,12 @@ def write_job(
         "mlflow": dict(mlflow),
         "reference_stains": sources.get("reference_stains"),
         "encoder_checkpoint": None,
+        "head_checkpoint": None,
         "cores": None,
     }
-    if sources.get("encoder_checkpoint") is not None:
-        job["encoder_checkpoint"] = str(Path(sources["encoder_checkpoint"]).resolve())
+    for checkpoint in ("encoder_checkpoint", "head_checkpoint"):  # read in place, by path
+        if sources.get(checkpoint) is not None:
+            job[checkpoint] = str(Path(sources[checkpoint]).resolve())
     if sources.get("accepted_cores") is not None:
         images = sorted(set(rows["image"]))
         job["cores"] = _write_cores(job_dir / "cores", images, sources["accepted_cores"])
@@ -136,8 +138,9 @@ def read_sources(job_dir: Path, job: Mapping[str, Any]) -> dict[str, Any]:
         sources["tile_embeddings"] = {
             f"{key}.npz": _npz_loader(job_dir / "embeddings" / f"{key}.npz") for key in index["key"]
         }
-    if job.get("encoder_checkpoint"):
-        sources["encoder_checkpoint"] = Path(job["encoder_checkpoint"])
+    for checkpoint in ("encoder_checkpoint", "head_checkpoint"):
+        if job.get(checkpoint):
+            sources[checkpoint] = Path(job[checkpoint])
     return sources
 
 
