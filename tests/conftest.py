@@ -83,9 +83,15 @@ def _no_mlflow_run_outlives_its_test():
     A Kedro session also leaves process-wide state that a real ``kedro run`` (one per process)
     never carries over: the experiment MLflow's ``set_experiment`` made active (also in
     ``MLFLOW_EXPERIMENT_ID``), and the run id kept by kedro-mlflow's one hook instance. Both
-    point into the test's own, deleted store; they are reset too.
+    point into the test's own, deleted store; they are reset too, and so is ``KEDRO_ENV``, which
+    a session with an ``env`` sets for the pipeline registry.
     """
+    kedro_env = os.environ.get("KEDRO_ENV")
     yield
+    if kedro_env is None:
+        os.environ.pop("KEDRO_ENV", None)
+    else:
+        os.environ["KEDRO_ENV"] = kedro_env
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         while mlflow.active_run() is not None:

@@ -141,3 +141,19 @@ def test_the_singular_pipeline_flag_users_type_runs_that_pipeline(project):
     assert not (project / "data" / "04_feature" / "tile_index.parquet").exists()  # only ingestion
     # mlflow's chatter about kedro-mlflow's pipeline model, which users cannot act on, is dropped
     assert "Add type hints" not in done.stdout + done.stderr
+
+
+def test_the_session_environment_shapes_the_pipelines(project):
+    """`kedro run --env=NAME` reaches the pipeline registry: an `init_head` set in conf/NAME wires
+    the head's checkpoint into the training node (the registry read conf/local before)."""
+    from kedro.framework.project import pipelines
+
+    other = project / "conf" / "other"
+    other.mkdir()
+    head = {"mil_study": {"models": {"mil": {"init_head": "mil_cached"}}}}
+    (other / "parameters_head.yml").write_text(yaml.safe_dump(head))
+    with KedroSession.create(project_path=project, env="other") as session:
+        session.load_context()  # the parameter check passes: pipelines and session agree
+        nodes = {n.name: n for n in pipelines["mil"].nodes}
+    assert "mil_cached.ihc_score.checkpoint" in nodes["mil.ihc_score.train_model"].inputs
+    assert "mil_cached.her2_status.checkpoint" in nodes["mil.her2_status.train_model"].inputs

@@ -107,3 +107,19 @@ def test_a_study_without_models_is_refused(base_params):
         IntensityStudyParams.model_validate(study)
     with pytest.raises(ParameterError, match="No intensity_study section"):
         declared_study({})
+
+
+def test_init_head_given_only_at_run_time_stops_the_run_with_where_to_set_it(
+    base_params, monkeypatch
+):
+    """`init_head` wires the mil_cached checkpoint into mil's training node: a value from
+    `--params` that the pipeline was not built with is refused, not met by a missing input."""
+    from her2_kedro.config import TorchStudyParams
+
+    monkeypatch.delenv("KEDRO_ENV", raising=False)
+    monkeypatch.chdir(PROJECT)
+    study = copy.deepcopy(base_params["mil_study"])
+    mil = study["models"]["mil"]
+    mil["init_head"] = None if mil.get("init_head") else "mil_cached"  # the other choice
+    with pytest.raises(ParameterError, match=r"init_head mil_cached.*not from --params"):
+        check_study_matches_pipeline(TorchStudyParams.model_validate(study), "mil_study")

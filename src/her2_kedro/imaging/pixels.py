@@ -39,10 +39,21 @@ def check_rgb(rgb: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------- grey and tissue
 def grey(rgb: np.ndarray) -> np.ndarray:
-    """Grey level (0..255, float32) of an RGB image of shape (H, W, 3)."""
+    """Grey level (0..255, float32) of an RGB image of shape (H, W, 3).
+
+    Computed as ``(r * wr + g * wg) + b * wb``, one rounded float32 operation at a time, so the
+    rounding of exact ties does not depend on the machine's BLAS kernel (a matrix product may
+    fuse or reorder them) and the torch version (``device_embedding``) gets the same mask.
+    """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {rgb.shape}")
-    return rgb.astype(np.float32) @ GREY_WEIGHTS
+    out = rgb[..., 0].astype(np.float32)
+    out *= GREY_WEIGHTS[0]
+    for c in (1, 2):
+        channel = rgb[..., c].astype(np.float32)
+        channel *= GREY_WEIGHTS[c]
+        out += channel
+    return out
 
 
 def foreground_mask(rgb: np.ndarray, background_grey: float = BACKGROUND_GREY) -> np.ndarray:
