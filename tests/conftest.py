@@ -76,6 +76,18 @@ def cohort() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(autouse=True)
+def _kedro_env_restored():
+    """A session with an ``env`` sets ``KEDRO_ENV`` for the pipeline registry (as `kedro run
+    --env` does, once per process); the next test gets the environment it started with."""
+    before = os.environ.get("KEDRO_ENV")
+    yield
+    if before is None:
+        os.environ.pop("KEDRO_ENV", None)
+    else:
+        os.environ["KEDRO_ENV"] = before
+
+
+@pytest.fixture(autouse=True)
 def _no_mlflow_run_outlives_its_test():
     """End any MLflow run a test left active (MLflow's fluent API starts one implicitly when an
     artifact is logged outside a run); the next test would otherwise log into a deleted store.
@@ -83,15 +95,9 @@ def _no_mlflow_run_outlives_its_test():
     A Kedro session also leaves process-wide state that a real ``kedro run`` (one per process)
     never carries over: the experiment MLflow's ``set_experiment`` made active (also in
     ``MLFLOW_EXPERIMENT_ID``), and the run id kept by kedro-mlflow's one hook instance. Both
-    point into the test's own, deleted store; they are reset too, and so is ``KEDRO_ENV``, which
-    a session with an ``env`` sets for the pipeline registry.
+    point into the test's own, deleted store; they are reset too.
     """
-    kedro_env = os.environ.get("KEDRO_ENV")
     yield
-    if kedro_env is None:
-        os.environ.pop("KEDRO_ENV", None)
-    else:
-        os.environ["KEDRO_ENV"] = kedro_env
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         while mlflow.active_run() is not None:

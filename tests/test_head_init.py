@@ -126,6 +126,8 @@ def test_the_pipeline_trains_the_end_to_end_model_after_the_head_it_starts_from(
 
 
 def test_a_torchrun_job_reads_the_head_checkpoint_where_the_node_found_it(trained, tmp_path):
+    import json
+
     import pandas as pd
 
     from her2_kedro.pipelines.models import torchrun_job
@@ -142,7 +144,7 @@ def test_a_torchrun_job_reads_the_head_checkpoint_where_the_node_found_it(traine
         sources={"encoder_checkpoint": encoder, "head_checkpoint": head_path},
         mlflow={},
     )
-    job = torchrun_job.json.loads((job_dir / torchrun_job.JOB_FILE).read_text())
+    job = json.loads((job_dir / torchrun_job.JOB_FILE).read_text())
     sources = torchrun_job.read_sources(job_dir, job)
     assert sources["head_checkpoint"] == head_path.resolve()
     assert sources["encoder_checkpoint"] == encoder.resolve()

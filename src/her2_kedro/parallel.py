@@ -166,17 +166,15 @@ def _on_cluster(
         with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
             for future in as_completed(futures):
                 if future.status == "error":
-                    _raise_item_error(client, futures, future, index[future.key], items, desc)
+                    _raise_item_error(future, index[future.key], items, desc)
                 bar.update()
         return client.gather(futures)
     finally:
         client.cancel([f for f in futures if not f.done()])
 
 
-def _raise_item_error(
-    client: Any, futures: list, failed: Any, i: int, items: list, desc: str
-) -> None:
-    client.cancel([f for f in futures if not f.done()])
+def _raise_item_error(failed: Any, i: int, items: list, desc: str) -> None:
+    """Raise item ``i``'s own exception with a note naming it (the caller cancels the rest)."""
     exc = failed.exception()
     tb = failed.traceback()
     if isinstance(exc, BaseException):
